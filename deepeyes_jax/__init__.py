@@ -1,0 +1,1 @@
+"""deepeyes-jax: DeepEyes ("thinking with images" RL) natively in JAX."""

@@ -1,0 +1,122 @@
+"""Qwen2.5-VL for conditional generation: vision tower + merge at <|image_pad|> + decoder + LM head."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from deepeyes_jax.models.layers import Dense
+from deepeyes_jax.models.qwen2_5_vl.config import ModelConfig
+from deepeyes_jax.models.qwen2_5_vl.rope import mrope_cos_sin, mrope_position_ids
+from deepeyes_jax.models.qwen2_5_vl.text import TextModel, causal_padding_mask
+from deepeyes_jax.models.qwen2_5_vl.vision import VisionTower
+from deepeyes_jax.sharding import Sharder
+
+
+def merge_image_features(embeds: jax.Array, input_ids: jax.Array, features: jax.Array, image_token_id: int):
+    """Put features float[U, D] at the image tokens of embeds float[B, T, D], in row-major order.
+
+    Static shapes: the k-th image token takes row k (transformers' masked_scatter).
+    """
+    is_img = input_ids == image_token_id
+    idx = jnp.cumsum(is_img.reshape(-1), dtype=jnp.int32).reshape(is_img.shape) - 1
+    idx = jnp.clip(idx, 0, features.shape[0] - 1)
+    return jnp.where(is_img[..., None], features[idx].astype(embeds.dtype), embeds)
+
+
+def _concrete(*xs) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in xs if x is not None)
+
+
+class Qwen2_5_VL(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, mesh: jax.sharding.Mesh | None = None):
+        kw = dict(rngs=rngs, param_dtype=config.param_dtype, dtype=config.dtype)
+        self.shard = Sharder(mesh, config.axis_rules)
+        self.visual = VisionTower(config.vision, shard=self.shard, **kw)
+        self.model = TextModel(config.text, shard=self.shard, **kw)
+        self.lm_head = (None if config.tie_word_embeddings else
+                        Dense(config.text.hidden_size, config.text.vocab_size, logical_axes=("embed", "vocab"),
+                              use_bias=False, **kw))
+        self.config = config
+
+    # ---------------------------------------------------------------- pieces
+
+    def encode_images(self, pixel_values: jax.Array, image_grid_thw: jax.Array) -> jax.Array:
+        """float[N, 1176] patches + int[I, 3] grids -> float[N/4, D] LLM-width image tokens."""
+        return self.visual(jnp.asarray(pixel_values), jnp.asarray(image_grid_thw))
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        out = self.model.embed_tokens.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
+        return self.shard(out, ("activation_batch", "activation_length", "activation_vocab"))
+
+    def position_ids(self, input_ids, attention_mask=None, image_grid_thw=None):
+        """int[3, B, T] M-RoPE positions and int[B, 1] decode deltas (transformers' get_rope_index)."""
+        return mrope_position_ids(
+            input_ids, attention_mask, image_grid_thw,
+            image_token_id=self.config.image_token_id,
+            spatial_merge_size=self.config.vision.spatial_merge_size,
+        )
+
+    # ---------------------------------------------------------------- forward
+
+    def __call__(self, input_ids, *, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                 position_ids=None) -> jax.Array:
+        """Inputs as the Hugging Face processor makes them -> logits float32[B, T, V].
+
+        input_ids int[B, T]; attention_mask int[B, T] (1 = token, 0 = padding);
+        pixel_values float[N, 1176]; image_grid_thw int[I, 3] in order of appearance.
+        """
+        cfg = self.config
+        input_ids = jnp.asarray(input_ids)
+        if _concrete(input_ids, attention_mask, pixel_values, image_grid_thw):
+            self._check_inputs(input_ids, attention_mask, pixel_values, image_grid_thw)
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        attention_mask = jnp.asarray(attention_mask)
+        embeds = self.model.embed_tokens(input_ids)
+        if pixel_values is not None:
+            features = self.encode_images(pixel_values, image_grid_thw)
+            embeds = merge_image_features(embeds, input_ids, features, cfg.image_token_id)
+        if position_ids is None:
+            position_ids, _ = self.position_ids(input_ids, attention_mask, image_grid_thw)
+        cos, sin = mrope_cos_sin(position_ids, head_dim=cfg.text.head_dim, theta=cfg.text.rope_theta,
+                                 mrope_section=cfg.text.mrope_section, dtype=cfg.dtype)
+        hidden = self.model(embeds, cos, sin, causal_padding_mask(attention_mask))
+        return self.logits(hidden).astype(jnp.float32)
+
+    def _check_inputs(self, input_ids, attention_mask, pixel_values, image_grid_thw):
+        cfg = self.config
+        if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+            raise ValueError(f"input_ids must be int[B, T], got {input_ids.dtype}{list(input_ids.shape)}")
+        if attention_mask is not None and np.shape(attention_mask) != input_ids.shape:
+            raise ValueError(f"attention_mask shape {np.shape(attention_mask)} != input_ids shape {input_ids.shape}")
+        ids = np.asarray(input_ids)
+        if (ids == cfg.video_token_id).any():
+            raise ValueError("input_ids contain <|video_pad|> tokens: video inputs are not supported")
+        if ids.min() < 0 or ids.max() >= cfg.text.vocab_size:
+            raise ValueError(f"input_ids values must lie in [0, {cfg.text.vocab_size}), got [{ids.min()}, {ids.max()}]")
+        n_tokens = int((ids == cfg.image_token_id).sum())
+        if (pixel_values is None) != (image_grid_thw is None):
+            raise ValueError("pixel_values and image_grid_thw must be given together")
+        if pixel_values is None:
+            if n_tokens:
+                raise ValueError(f"input_ids contain {n_tokens} image tokens but no pixel_values were given")
+            return
+        pv, grid = np.shape(pixel_values), np.asarray(image_grid_thw)
+        if len(pv) != 2 or pv[1] != cfg.vision.patch_dim:
+            raise ValueError(f"pixel_values must be float[N, {cfg.vision.patch_dim}], got shape {pv}")
+        if grid.ndim != 2 or grid.shape[1] != 3:
+            raise ValueError(f"image_grid_thw must be int[I, 3], got shape {grid.shape}")
+        m = cfg.vision.spatial_merge_size
+        if (grid[:, 1:] % m).any() or (grid <= 0).any():
+            raise ValueError(f"image_grid_thw rows must be positive with h, w multiples of {m}: {grid.tolist()}")
+        patches = int(grid.prod(axis=1).sum())
+        if patches > pv[0]:
+            raise ValueError(f"image_grid_thw covers {patches} patches but pixel_values has only {pv[0]}")
+        if n_tokens * m * m != patches:
+            raise ValueError(
+                f"image features and image tokens do not match: input_ids have {n_tokens} image tokens, "
+                f"image_grid_thw implies {patches // (m * m)}"
+            )

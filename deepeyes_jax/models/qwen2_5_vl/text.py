@@ -1,0 +1,77 @@
+"""The Qwen2 decoder of Qwen2.5-VL: GQA with q/k/v bias, M-RoPE, RMSNorm, SwiGLU."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from deepeyes_jax.models.layers import Dense, Embed, GatedMLP, RMSNorm, apply_rope, masked_attention
+from deepeyes_jax.models.qwen2_5_vl.config import TextConfig
+from deepeyes_jax.sharding import Sharder
+
+_HIDDEN = ("activation_batch", "activation_length", "activation_embed")
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, rngs, param_dtype, dtype, shard: Sharder):
+        d, hd = cfg.hidden_size, cfg.head_dim
+        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.q_proj = Dense(d, cfg.num_attention_heads * hd, logical_axes=("embed", "heads"), use_bias=True, **kw)
+        self.k_proj = Dense(d, cfg.num_key_value_heads * hd, logical_axes=("embed", "kv_heads"), use_bias=True, **kw)
+        self.v_proj = Dense(d, cfg.num_key_value_heads * hd, logical_axes=("embed", "kv_heads"), use_bias=True, **kw)
+        self.o_proj = Dense(cfg.num_attention_heads * hd, d, logical_axes=("heads", "embed"), use_bias=False, **kw)
+        self.head_dim = hd
+        self.shard = shard
+
+    def __call__(self, x, cos, sin, mask):
+        """x float[B, T, D], cos/sin float[B, T, hd], mask bool[B, T, T] -> float[B, T, D]."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, -1, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, -1, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, -1, self.head_dim)
+        q = self.shard(apply_rope(q, cos, sin), ("activation_batch", "activation_length", "activation_heads", None))
+        k = self.shard(apply_rope(k, cos, sin), ("activation_batch", "activation_length", "activation_kv_heads", None))
+        out = masked_attention(q, k, v, mask)
+        return self.o_proj(out.reshape(b, t, -1))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, rngs, param_dtype, dtype, shard: Sharder):
+        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
+        self.self_attn = Attention(cfg, shard=shard, **kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, act=cfg.hidden_act, use_bias=False,
+                            shard=shard, **kw)
+        self.shard = shard
+
+    def __call__(self, x, cos, sin, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        x = x + self.mlp(self.post_attention_layernorm(x), ("activation_batch", "activation_length", "activation_mlp"))
+        return self.shard(x, _HIDDEN)
+
+
+class TextModel(nnx.Module):
+    """Embeddings, decoder layers and the final norm (the Hub's `model.*` tensors)."""
+
+    def __init__(self, cfg: TextConfig, *, rngs, param_dtype, dtype, shard: Sharder):
+        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, **kw)
+        self.layers = nnx.List([DecoderLayer(cfg, shard=shard, **kw) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
+        self.shard = shard
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        """x float[B, T, D] input embeddings -> final hidden states float[B, T, D]."""
+        x = self.shard(x, _HIDDEN)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        return self.norm(x)
+
+
+def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:
+    """int/bool[B, T] -> bool[B, T, T]: query i sees valid keys j <= i."""
+    t = attention_mask.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    return causal[None] & attention_mask.astype(bool)[:, None, :]
