@@ -41,11 +41,22 @@ DEFAULT_AXIS_RULES: AxisRules = (
 
 
 def make_mesh(shape: Sequence[int], axis_names: Sequence[str] = MESH_AXES, devices=None) -> Mesh:
-    """A mesh with Auto axes: GSPMD propagation plus our explicit constraints."""
-    shape = tuple(int(s) for s in shape)
+    """A mesh with Auto axes: GSPMD propagation plus our explicit constraints.
+
+    One entry of `shape` may be -1: it takes all remaining devices.
+    """
     devices = jax.devices() if devices is None else devices
-    if int(np.prod(shape)) != len(devices):
-        raise ValueError(f"mesh shape {shape} needs {int(np.prod(shape))} devices, have {len(devices)}")
+    requested = tuple(int(s) for s in shape)
+    shape = list(requested)
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh shape {tuple(shape)} may contain -1 only once")
+    if -1 in shape:
+        rest = int(np.prod([s for s in shape if s != -1]))
+        shape[shape.index(-1)] = len(devices) // rest if rest and len(devices) % rest == 0 else 0
+    shape = tuple(shape)
+    if int(np.prod(shape)) != len(devices) or 0 in shape:
+        need = "a multiple of " + str(-int(np.prod(requested))) if -1 in requested else str(int(np.prod(shape)))
+        raise ValueError(f"mesh shape {requested} needs {need} devices, have {len(devices)}")
     return jax.make_mesh(
         shape,
         tuple(axis_names),

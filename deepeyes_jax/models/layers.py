@@ -28,6 +28,11 @@ def activation(name: str):
     return ACTIVATIONS[name]
 
 
+def _lead(v: jax.Array, ndim: int) -> jax.Array:
+    """Explicit leading broadcast (tests run with rank promotion disabled)."""
+    return v.reshape((1,) * (ndim - v.ndim) + v.shape)
+
+
 def _param(rngs: nnx.Rngs, init, shape, dtype, logical_axes) -> nnx.Param:
     return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=tuple(logical_axes))
 
@@ -47,7 +52,7 @@ class Dense(nnx.Module):
         kernel = self.kernel[...].astype(self.dtype)
         y = jnp.tensordot(x.astype(self.dtype), kernel, axes=1)
         if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
+            y = y + _lead(self.bias[...].astype(self.dtype), y.ndim)
         return y
 
 
@@ -77,7 +82,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return self.weight[...].astype(self.dtype) * x32.astype(self.dtype)
+        return _lead(self.weight[...].astype(self.dtype), x.ndim) * x32.astype(self.dtype)
 
 
 class GatedMLP(nnx.Module):

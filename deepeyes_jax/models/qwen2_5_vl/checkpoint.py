@@ -127,8 +127,10 @@ def from_pretrained(path: str, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | N
         host = to_ours(path_, st.get(stored), shape)
         sharding = (shard.sharding(var.get_metadata()["logical_axes"], shape) if mesh is not None
                     else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-        var.set_value(jax.make_array_from_callback(
-            shape, sharding, lambda idx, h=host: np.asarray(h[idx], dtype=jnp.dtype(dtype))))
+        # The loader's transfers are the intended ones: allowed even under a strict transfer guard.
+        with jax.transfer_guard_host_to_device("allow"):
+            var.set_value(jax.make_array_from_callback(
+                shape, sharding, lambda idx, h=host: np.asarray(h[idx], dtype=jnp.dtype(dtype))))
     unexpected = sorted(set(tensors) - used - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
     problems = ([f"missing tensor {n}" for n in missing] + [f"wrong shape {w}" for w in wrong]
                 + [f"unexpected tensor {n}" for n in unexpected])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,12 +89,14 @@ class Qwen2_5_VL(nnx.Module):
         return self.logits(hidden).astype(jnp.float32)
 
     def _check_inputs(self, input_ids, attention_mask, pixel_values, image_grid_thw):
+        """Host-side validation with errors that name the offending input (explicit fetches,
+        so it also works under `jax_transfer_guard=disallow`)."""
         cfg = self.config
-        if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
-            raise ValueError(f"input_ids must be int[B, T], got {input_ids.dtype}{list(input_ids.shape)}")
-        if attention_mask is not None and np.shape(attention_mask) != input_ids.shape:
-            raise ValueError(f"attention_mask shape {np.shape(attention_mask)} != input_ids shape {input_ids.shape}")
-        ids = np.asarray(input_ids)
+        ids = np.asarray(jax.device_get(input_ids))
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"input_ids must be int[B, T], got {ids.dtype}{list(ids.shape)}")
+        if attention_mask is not None and np.shape(attention_mask) != ids.shape:
+            raise ValueError(f"attention_mask shape {np.shape(attention_mask)} != input_ids shape {ids.shape}")
         if (ids == cfg.video_token_id).any():
             raise ValueError("input_ids contain <|video_pad|> tokens: video inputs are not supported")
         if ids.min() < 0 or ids.max() >= cfg.text.vocab_size:
@@ -104,7 +108,7 @@ class Qwen2_5_VL(nnx.Module):
             if n_tokens:
                 raise ValueError(f"input_ids contain {n_tokens} image tokens but no pixel_values were given")
             return
-        pv, grid = np.shape(pixel_values), np.asarray(image_grid_thw)
+        pv, grid = np.shape(pixel_values), np.asarray(jax.device_get(image_grid_thw))
         if len(pv) != 2 or pv[1] != cfg.vision.patch_dim:
             raise ValueError(f"pixel_values must be float[N, {cfg.vision.patch_dim}], got shape {pv}")
         if grid.ndim != 2 or grid.shape[1] != 3:
@@ -120,3 +124,26 @@ class Qwen2_5_VL(nnx.Module):
                 f"image features and image tokens do not match: input_ids have {n_tokens} image tokens, "
                 f"image_grid_thw implies {patches // (m * m)}"
             )
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(graphdef, state, input_ids, attention_mask, pixel_values, image_grid_thw):
+    model = nnx.merge(graphdef, state)
+    return model(input_ids, attention_mask=attention_mask, pixel_values=pixel_values, image_grid_thw=image_grid_thw)
+
+
+def jit_forward(model: Qwen2_5_VL):
+    """The compiled forward: f(input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None) -> logits.
+
+    Parameters are arguments, not constants, so one compilation serves every call of the
+    same shapes (and later parameter updates).
+    """
+    graphdef, state = nnx.split(model)
+
+    def forward(input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None):
+        model._check_inputs(input_ids, attention_mask, pixel_values, image_grid_thw)
+        if attention_mask is None:
+            attention_mask = jnp.ones(jnp.shape(input_ids), jnp.int32)
+        return _apply(graphdef, state, input_ids, attention_mask, pixel_values, image_grid_thw)
+
+    return forward

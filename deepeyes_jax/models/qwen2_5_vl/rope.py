@@ -28,8 +28,9 @@ def mrope_position_ids(
     Text tokens get (i, i, i); the tokens of an image starting at position s get
     (s + frame, s + row, s + col) and the text after it resumes at s + max(rows, cols).
     Images are the runs of `image_token_id`, matched in order (row-major over the batch)
-    to `image_grid_thw` int[I, 3] (patch grid, before merging). Padding gets 1, as in
-    transformers. deltas = max position + 1 - number of valid tokens (for decoding).
+    to `image_grid_thw` int[I, 3] (patch grid, before merging). Padding gets 0, as in
+    transformers 5 (verl's copy used 1; padding positions never reach a valid token).
+    deltas = max position + 1 - number of valid tokens (for decoding).
     """
     b, t = input_ids.shape
     valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
@@ -58,7 +59,7 @@ def mrope_position_ids(
             jnp.where(is_img, start + row, before),
             jnp.where(is_img, start + col, before),
         ])
-    pos = jnp.where(valid[None], pos, 1).astype(jnp.int32)
+    pos = jnp.where(valid[None], pos, 0).astype(jnp.int32)
     top = jnp.max(jnp.where(valid[None], pos, -1), axis=(0, 2))
     deltas = (top + 1 - jnp.sum(valid, axis=1, dtype=jnp.int32))[:, None]
     return pos, deltas

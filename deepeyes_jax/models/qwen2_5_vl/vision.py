@@ -32,8 +32,8 @@ class VisionLayout(NamedTuple):
     order: jax.Array  # int32[N/4]: window-major slot -> processor-order merge unit
     rows: jax.Array  # int32[N]: patch row in its image
     cols: jax.Array  # int32[N]
-    window_seg: jax.Array  # int32[N]: window id, -1 for padding
-    frame_seg: jax.Array  # int32[N]: (image, frame) id, -1 for padding
+    window_seg: jax.Array  # int32[N]: window id, non-decreasing; padding = int32 max
+    frame_seg: jax.Array  # int32[N]: (image, frame) id, non-decreasing; padding = int32 max
 
 
 def vision_layout(grid_thw: jax.Array, num_patches: int, cfg: VisionConfig) -> VisionLayout:
@@ -71,20 +71,21 @@ def vision_layout(grid_thw: jax.Array, num_patches: int, cfg: VisionConfig) -> V
         order=order,
         rows=rows,
         cols=cols,
-        window_seg=per_patch(base[img] + window, -1),
-        frame_seg=per_patch(base[img] + f, -1),
+        window_seg=per_patch(base[img] + window, _PAD_KEY),
+        frame_seg=per_patch(base[img] + f, _PAD_KEY),
     )
+
+
+def _blocks(x: jax.Array, block: int, fill) -> jax.Array:
+    """[N, ...] -> [ceil(N / block), block, ...], the tail filled with `fill`."""
+    nb = -(-x.shape[0] // block)
+    x = jnp.pad(x, [(0, nb * block - x.shape[0])] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
+    return x.reshape(nb, block, *x.shape[1:])
 
 
 def band_attention(q, k, v, seg, block: int):
     """Attention within equal-`seg` runs no longer than `block`: q/k/v float[N, H, D], seg int32[N]."""
     n, h, d = q.shape
-    nb = -(-n // block)
-    pad = nb * block - n
-
-    def blocks(x, fill):
-        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
-        return x.reshape(nb, block, *x.shape[1:])
 
     def band(x, fill):
         edge = jnp.full_like(x[:1], fill)
@@ -92,17 +93,45 @@ def band_attention(q, k, v, seg, block: int):
         nxt = jnp.concatenate([x[1:], edge], axis=0)
         return jnp.concatenate([prev, x, nxt], axis=1)
 
-    qb, segb = blocks(q, 0), blocks(seg, -1)
-    kb, vb, segk = band(blocks(k, 0), 0), band(blocks(v, 0), 0), band(segb, -1)
-    mask = (segb[:, :, None] == segk[:, None, :]) & (segk[:, None, :] >= 0)
-    out = masked_attention(qb, kb, vb, mask)
-    return out.reshape(nb * block, h, d)[:n]
+    qb, segb = _blocks(q, block, 0), _blocks(seg, block, -1)
+    kb, vb, segk = band(_blocks(k, block, 0), 0), band(_blocks(v, block, 0), 0), band(segb, -1)
+    out = masked_attention(qb, kb, vb, segb[:, :, None] == segk[:, None, :])
+    return out.reshape(-1, h, d)[:n]
 
 
-def segment_attention(q, k, v, seg):
-    """Dense attention within equal-`seg` groups (the full-attention blocks)."""
-    mask = (seg[:, None] == seg[None, :]) & (seg[None, :] >= 0)
-    return masked_attention(q, k, v, mask)
+def segment_attention(q, k, v, seg, block: int = 256):
+    """Attention within equal-`seg` runs of any length; `seg` int32[N] must be non-decreasing.
+
+    Flash-style: each query block visits only the key blocks its segments span, with an
+    online softmax, so the cost is about sum(len^2) over segments, not N^2 (a batch of
+    images is many short segments).
+    """
+    n, h, d = q.shape
+    qb, kb, vb, sb = (_blocks(x, block, fill) for x, fill in ((q, 0), (k, 0), (v, 0), (seg, _PAD_KEY)))
+    nb = qb.shape[0]
+    lo = jnp.searchsorted(sb[:, -1], sb[:, 0], side="left")
+    hi = jnp.searchsorted(sb[:, 0], sb[:, -1], side="right")
+    scale = d**-0.5
+
+    def query_block(i):
+        qi, si = qb[i].astype(jnp.float32), sb[i]
+
+        def visit(j, carry):
+            m, l, acc = carry
+            scores = jnp.einsum("qhd,khd->hqk", qi, kb[j].astype(jnp.float32)) * scale
+            mask = (si[:, None] == sb[j][None, :])[None]
+            m_new = jnp.maximum(m, jnp.max(jnp.where(mask, scores, -jnp.inf), axis=-1))
+            p = jnp.where(mask, jnp.exp(scores - m_new[..., None]), 0.0)
+            corr = jnp.exp(m - m_new)
+            acc = acc * corr[..., None] + jnp.einsum("hqk,khd->hqd", p, vb[j].astype(jnp.float32))
+            return m_new, l * corr + jnp.sum(p, axis=-1), acc
+
+        # A finite floor keeps rows with no key in an early block free of inf - inf.
+        init = (jnp.full((h, block), jnp.finfo(jnp.float32).min), jnp.zeros((h, block)), jnp.zeros((h, block, d)))
+        _, l, acc = jax.lax.fori_loop(lo[i], hi[i], visit, init)
+        return jnp.transpose(acc / l[..., None], (1, 0, 2)).astype(q.dtype)
+
+    return jax.lax.map(query_block, jnp.arange(nb)).reshape(nb * block, h, d)[:n]
 
 
 class VisionAttention(nnx.Module):

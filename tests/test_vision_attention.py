@@ -1,0 +1,40 @@
+"""The vision tower's two sparse attentions against a dense numpy reference."""
+
+import numpy as np
+import pytest
+
+from deepeyes_jax.models.qwen2_5_vl.vision import band_attention, segment_attention
+
+
+def dense_reference(q, k, v, seg):
+    s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(q.shape[-1])
+    s = np.where((seg[:, None] == seg[None, :])[None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("hqk,khd->qhd", p / p.sum(-1, keepdims=True), v)
+
+
+def _qkv(n, seed):
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=(n, 2, 8)).astype(np.float32) for _ in range(3)]
+
+
+@pytest.mark.parametrize("lengths", [
+    [300],  # one segment over several blocks, ragged tail
+    [1, 700, 3, 64, 65, 1],  # a row whose first visited key block holds none of its keys
+    [17] * 40,  # many short segments, block boundaries inside segments
+    [256, 256],  # exactly on block boundaries
+])
+def test_segment_attention_equals_dense(lengths):
+    seg = np.repeat(np.arange(len(lengths)), lengths).astype(np.int32)
+    q, k, v = _qkv(len(seg), len(lengths))
+    got = np.asarray(segment_attention(q, k, v, seg, block=64))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, dense_reference(q, k, v, seg), atol=2e-5)
+
+
+@pytest.mark.parametrize("lengths", [[64] * 5, [3, 64, 1, 40, 64, 20], [1] * 70])
+def test_band_attention_equals_dense(lengths):
+    seg = np.repeat(np.arange(len(lengths)), lengths).astype(np.int32)
+    q, k, v = _qkv(len(seg), 3)
+    got = np.asarray(band_attention(q, k, v, seg, 64))
+    np.testing.assert_allclose(got, dense_reference(q, k, v, seg), atol=2e-5)
