@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -11,6 +13,7 @@ import safetensors.numpy
 import safetensors.torch
 import torch
 import transformers
+from flax import nnx
 
 import hf_reference as H
 from deepeyes_jax.models import qwen2_5_vl as q
@@ -139,3 +142,33 @@ def test_reader_agrees_with_safetensors_library(tmp_path):
     got = SafetensorsFile(str(tmp_path / "y.safetensors")).get("w")
     assert got.dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(got.astype(np.float32), torch_bf16["w"].float().numpy())
+
+
+_LOAD_RSS = """
+import os, resource, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax
+from flax import nnx
+from deepeyes_jax.models import qwen2_5_vl as q
+from deepeyes_jax.sharding import make_mesh
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+model = q.from_pretrained(sys.argv[1], mesh=make_mesh((1, 8, 1)))
+jax.block_until_ready(nnx.state(model))
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+"""
+
+
+def test_loading_never_holds_a_second_host_copy(tmp_path):
+    """FSDP-sharded load of a ~100 MB checkpoint: the peak RSS growth is the memory-mapped file
+    (page cache) plus one sharded copy on the CPU devices, nothing more."""
+    cfg = q.get_preset("100m").replace(text=q.TextConfig(
+        vocab_size=8192, hidden_size=512, intermediate_size=2048, num_hidden_layers=6,
+        num_attention_heads=8, num_key_value_heads=2, mrope_section=(8, 12, 12)))
+    cfg = cfg.replace(image_token_id=8000, video_token_id=8001, vision_start_token_id=8002, vision_end_token_id=8003)
+    q.save_pretrained(q.Qwen2_5_VL(cfg, rngs=nnx.Rngs(0)), str(tmp_path))
+    size = os.path.getsize(tmp_path / "model.safetensors")
+    assert size > 80e6
+    out = subprocess.run([sys.executable, "-c", _LOAD_RSS, str(tmp_path)], capture_output=True, text=True,
+                         check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    growth = int(out.stdout.strip().splitlines()[-1])
+    assert growth < 2.4 * size, (growth, size)

@@ -187,3 +187,16 @@ def test_decoder_layer_and_mrope_match_transformers(pair):
                              position_embeddings=(hf_cos, hf_sin))
     got = ours.model.layers[1](x, cos, sin, allowed)
     assert_close(H.to_numpy(ref), got, where=mask.astype(bool))
+
+
+def test_bf16_compute_tracks_fp32(pair, tmp_path):
+    """bf16 matmuls over fp32 master weights: close to the fp32 reference, not equal to it."""
+    hf, ours = pair
+    hf.save_pretrained(tmp_path)
+    bf16 = q.from_pretrained(str(tmp_path), dtype=np.float32, compute_dtype="bfloat16")
+    assert bf16.model.layers[0].mlp.up_proj.kernel[...].dtype == np.float32
+    ids, mask, pv, grid = H.make_inputs(np.random.default_rng(3), CASES["two_images_different_sizes"])
+    ref = H.hf_logits(hf, ids, mask, pv, grid)
+    got = np.asarray(jit_forward(bf16)(ids, mask, pv, grid))
+    err = np.abs(got - ref).max() / np.abs(ref).max()
+    assert 1e-4 < err < 5e-2, err
