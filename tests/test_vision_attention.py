@@ -38,3 +38,22 @@ def test_band_attention_equals_dense(lengths):
     q, k, v = _qkv(len(seg), 3)
     got = np.asarray(band_attention(q, k, v, seg, 64))
     np.testing.assert_allclose(got, dense_reference(q, k, v, seg), atol=2e-5)
+
+
+def test_segment_attention_is_differentiable_and_matches_dense_gradient():
+    """The whole vision tower is trained (as in DeepEyes), so gradients must flow through it."""
+    import jax
+    import jax.numpy as jnp
+
+    from deepeyes_jax.models.layers import masked_attention
+
+    seg = np.repeat(np.arange(4), [70, 3, 130, 40]).astype(np.int32)
+    q, k, v = _qkv(len(seg), 9)
+
+    def loss(fn, q):
+        return jnp.sum(jnp.sin(fn(q, k, v)))
+
+    dense = lambda a, b, c: masked_attention(a, b, c, seg[:, None] == seg[None, :])  # noqa: E731
+    got = jax.grad(lambda x: loss(lambda a, b, c: segment_attention(a, b, c, seg, block=64), x))(q)
+    want = jax.grad(lambda x: loss(dense, x))(q)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)

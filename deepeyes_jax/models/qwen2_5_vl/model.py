@@ -12,7 +12,7 @@ from flax import nnx
 from deepeyes_jax.models.layers import Dense
 from deepeyes_jax.models.qwen2_5_vl.config import ModelConfig
 from deepeyes_jax.models.qwen2_5_vl.rope import mrope_cos_sin, mrope_position_ids
-from deepeyes_jax.models.qwen2_5_vl.text import TextModel, causal_padding_mask
+from deepeyes_jax.models.qwen2_5_vl.text import TextModel, causal_padding_mask, write_rows
 from deepeyes_jax.models.qwen2_5_vl.vision import VisionTower
 from deepeyes_jax.sharding import Sharder
 
@@ -61,6 +61,38 @@ class Qwen2_5_VL(nnx.Module):
             spatial_merge_size=self.config.vision.spatial_merge_size,
         )
 
+    # ---------------------------------------------------------------- decoding with a KV cache
+
+    def init_cache(self, batch: int, length: int):
+        """Empty KV cache (k, v) float[L, B, S, KV, hd] in the compute dtype."""
+        t = self.config.text
+        shape = (t.num_hidden_layers, batch, length, t.num_key_value_heads, t.head_dim)
+        axes = (None, "activation_batch", "activation_length", "activation_kv_heads", None)
+        zeros = self.shard(jnp.zeros(shape, self.config.dtype), axes)
+        return zeros, zeros
+
+    def decode_chunk(self, input_ids, chunk_valid, position_ids, cache, kv_valid, start, image_features=None):
+        """Append T tokens per row to the cache and return their final hidden states.
+
+        input_ids int[B, T] written at slots start int32[B] + [0, T); chunk_valid bool[B, T] marks the
+        real ones (the rest are ignored); position_ids int[3, B, T]; cache from `init_cache`;
+        kv_valid bool[B, S] marks filled slots; image_features float[B, U, D]: row b's image tokens
+        take its rows in order. -> (hidden float[B, T, D], cache, kv_valid).
+        """
+        cfg = self.config
+        embeds = self.model.embed_tokens(input_ids)
+        if image_features is not None:
+            merge = lambda e, i, f: merge_image_features(e[None], i[None], f, cfg.image_token_id)[0]  # noqa: E731
+            embeds = jax.vmap(merge)(embeds, input_ids, image_features)
+        kv_valid = write_rows(kv_valid, chunk_valid, start)
+        t, s = input_ids.shape[1], kv_valid.shape[1]
+        slots = start[:, None] + jnp.arange(t)[None, :]
+        mask = kv_valid[:, None, :] & (jnp.arange(s)[None, None, :] <= slots[:, :, None])
+        cos, sin = mrope_cos_sin(position_ids, head_dim=cfg.text.head_dim, theta=cfg.text.rope_theta,
+                                 mrope_section=cfg.text.mrope_section, dtype=cfg.dtype)
+        hidden, cache = self.model(embeds, cos, sin, mask, cache, start)
+        return hidden, cache, kv_valid
+
     # ---------------------------------------------------------------- forward
 
     def __call__(self, input_ids, *, attention_mask=None, pixel_values=None, image_grid_thw=None,
@@ -85,7 +117,7 @@ class Qwen2_5_VL(nnx.Module):
             position_ids, _ = self.position_ids(input_ids, attention_mask, image_grid_thw)
         cos, sin = mrope_cos_sin(position_ids, head_dim=cfg.text.head_dim, theta=cfg.text.rope_theta,
                                  mrope_section=cfg.text.mrope_section, dtype=cfg.dtype)
-        hidden = self.model(embeds, cos, sin, causal_padding_mask(attention_mask))
+        hidden, _ = self.model(embeds, cos, sin, causal_padding_mask(attention_mask))
         return self.logits(hidden).astype(jnp.float32)
 
     def _check_inputs(self, input_ids, attention_mask, pixel_values, image_grid_thw):

@@ -24,16 +24,23 @@ class Attention(nnx.Module):
         self.head_dim = hd
         self.shard = shard
 
-    def __call__(self, x, cos, sin, mask):
-        """x float[B, T, D], cos/sin float[B, T, hd], mask bool[B, T, T] -> float[B, T, D]."""
+    def __call__(self, x, cos, sin, mask, cache=None, start=None):
+        """x float[B, T, D], cos/sin float[B, T, hd] -> (float[B, T, D], cache).
+
+        Without a cache, mask is bool[B, T, T] over x itself. With cache = (k, v) float[B, S, KV, hd],
+        the new keys/values are written at slots start int32[B] + [0, T) and mask is bool[B, T, S].
+        """
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, -1, self.head_dim)
         k = self.k_proj(x).reshape(b, t, -1, self.head_dim)
         v = self.v_proj(x).reshape(b, t, -1, self.head_dim)
         q = self.shard(apply_rope(q, cos, sin), ("activation_batch", "activation_length", "activation_heads", None))
         k = self.shard(apply_rope(k, cos, sin), ("activation_batch", "activation_length", "activation_kv_heads", None))
+        if cache is not None:
+            k, v = write_rows(cache[0], k, start), write_rows(cache[1], v, start)
+            cache = (k, v)
         out = masked_attention(q, k, v, mask)
-        return self.o_proj(out.reshape(b, t, -1))
+        return self.o_proj(out.reshape(b, t, -1)), cache
 
 
 class DecoderLayer(nnx.Module):
@@ -46,10 +53,11 @@ class DecoderLayer(nnx.Module):
                             shard=shard, **kw)
         self.shard = shard
 
-    def __call__(self, x, cos, sin, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def __call__(self, x, cos, sin, mask, cache=None, start=None):
+        h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+        x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x), ("activation_batch", "activation_length", "activation_mlp"))
-        return self.shard(x, _HIDDEN)
+        return self.shard(x, _HIDDEN), cache
 
 
 class TextModel(nnx.Module):
@@ -62,12 +70,27 @@ class TextModel(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
         self.shard = shard
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        """x float[B, T, D] input embeddings -> final hidden states float[B, T, D]."""
+    def __call__(self, x, cos, sin, mask, cache=None, start=None):
+        """x float[B, T, D] input embeddings -> (final hidden states float[B, T, D], cache).
+
+        cache: None, or (k, v) float[L, B, S, KV, hd] written at slots start int32[B] + [0, T).
+        """
         x = self.shard(x, _HIDDEN)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask)
-        return self.norm(x)
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else (cache[0][i], cache[1][i])
+            x, layer_cache = layer(x, cos, sin, mask, layer_cache, start)
+            if cache is not None:
+                cache = (cache[0].at[i].set(layer_cache[0]), cache[1].at[i].set(layer_cache[1]))
+        return self.norm(x), cache
+
+
+def write_rows(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """Write new float[B, T, ...] into buffer float[B, S, ...] at per-row slots start int32[B] + [0, T).
+
+    The caller keeps S >= start + T (dynamic_update_slice would otherwise clamp the start).
+    """
+    return jax.vmap(lambda b, n, s: jax.lax.dynamic_update_slice_in_dim(b, n.astype(b.dtype), s, axis=0))(
+        buffer, new, start)
 
 
 def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:

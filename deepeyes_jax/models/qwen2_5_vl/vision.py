@@ -116,19 +116,24 @@ def segment_attention(q, k, v, seg, block: int = 256):
     def query_block(i):
         qi, si = qb[i].astype(jnp.float32), sb[i]
 
-        def visit(j, carry):
+        def update(j, carry):
             m, l, acc = carry
             scores = jnp.einsum("qhd,khd->hqk", qi, kb[j].astype(jnp.float32)) * scale
             mask = (si[:, None] == sb[j][None, :])[None]
             m_new = jnp.maximum(m, jnp.max(jnp.where(mask, scores, -jnp.inf), axis=-1))
-            p = jnp.where(mask, jnp.exp(scores - m_new[..., None]), 0.0)
+            # Mask inside the exp: a where around it would send inf * 0 = NaN into the gradient.
+            p = jnp.exp(jnp.where(mask, scores - m_new[..., None], -jnp.inf))
             corr = jnp.exp(m - m_new)
             acc = acc * corr[..., None] + jnp.einsum("hqk,khd->hqd", p, vb[j].astype(jnp.float32))
             return m_new, l * corr + jnp.sum(p, axis=-1), acc
 
+        def visit(carry, j):
+            # A static-length scan with a skip (not a dynamic-bound loop) keeps it differentiable.
+            return jax.lax.cond((j >= lo[i]) & (j < hi[i]), update, lambda _, c: c, j, carry), None
+
         # A finite floor keeps rows with no key in an early block free of inf - inf.
         init = (jnp.full((h, block), jnp.finfo(jnp.float32).min), jnp.zeros((h, block)), jnp.zeros((h, block, d)))
-        _, l, acc = jax.lax.fori_loop(lo[i], hi[i], visit, init)
+        (_, l, acc), _ = jax.lax.scan(visit, init, jnp.arange(nb))
         return jnp.transpose(acc / l[..., None], (1, 0, 2)).astype(q.dtype)
 
     return jax.lax.map(query_block, jnp.arange(nb)).reshape(nb * block, h, d)[:n]

@@ -1,0 +1,1 @@
+"""On-device multi-turn rollout: the zoom-in tool, observations and sampling."""

@@ -1,0 +1,57 @@
+"""Host-side assembly of rollout inputs: DeepEyes' chat prompt around each image, padded to static shapes."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from deepeyes_jax.data import image_processing
+from deepeyes_jax.data.tokenizer import SYSTEM_PROMPT, USER_PROMPT
+
+
+class RolloutBatch(NamedTuple):
+    prompt_ids: np.ndarray  # int32[B, P], left padded
+    prompt_mask: np.ndarray  # int32[B, P]
+    pixel_values: np.ndarray  # float32[B, Np, 1176]: each row's prompt image, zero padded
+    image_grid_thw: np.ndarray  # int32[B, 3]
+    image: np.ndarray  # uint8[B, Hb, Wb, 3]: the original image, zero padded (what the tool crops)
+    image_hw: np.ndarray  # int32[B, 2]: its true (height, width)
+
+
+def prompt_text(question: str, num_image_tokens: int) -> str:
+    """The training prompt of spec 1.4: system prompt, then the image, question and instruction."""
+    return (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n<|vision_start|>"
+            f"{'<|image_pad|>' * num_image_tokens}<|vision_end|>\n{question}{USER_PROMPT}<|im_end|>\n"
+            f"<|im_start|>assistant\n")
+
+
+def make_batch(tokenizer, questions, images, *, prompt_len: int, num_patches: int, image_hw: tuple[int, int],
+               min_pixels: int = image_processing.DEFAULT_MIN_PIXELS,
+               max_pixels: int = image_processing.DEFAULT_MAX_PIXELS) -> RolloutBatch:
+    """questions: list of str; images: list of uint8[H, W, 3]. Raises ValueError naming the row
+    whose prompt, patches or image do not fit the static shapes."""
+    if len(questions) != len(images):
+        raise ValueError(f"{len(questions)} questions but {len(images)} images")
+    b = len(images)
+    ids = np.zeros((b, prompt_len), np.int32)
+    mask = np.zeros((b, prompt_len), np.int32)
+    pixels = np.zeros((b, num_patches, image_processing.PATCH_DIM), np.float32)
+    grids = np.zeros((b, 3), np.int32)
+    buf = np.zeros((b, *image_hw, 3), np.uint8)
+    sizes = np.zeros((b, 2), np.int32)
+    for i, (question, image) in enumerate(zip(questions, images)):
+        image = np.asarray(image)
+        if image.shape[0] > image_hw[0] or image.shape[1] > image_hw[1]:
+            raise ValueError(f"row {i}: image {image.shape[:2]} exceeds the image buffer {image_hw}")
+        pv, grid = image_processing.preprocess_image(image, min_pixels=min_pixels, max_pixels=max_pixels)
+        if len(pv) > num_patches:
+            raise ValueError(f"row {i}: image needs {len(pv)} patches, num_patches is {num_patches}")
+        row = tokenizer.encode(prompt_text(question, image_processing.num_image_tokens(grid)),
+                               add_special_tokens=False)
+        if len(row) > prompt_len:
+            raise ValueError(f"row {i}: prompt has {len(row)} tokens, prompt_len is {prompt_len}")
+        ids[i, prompt_len - len(row):], mask[i, prompt_len - len(row):] = row, 1
+        pixels[i, :len(pv)], grids[i] = pv, grid
+        buf[i, :image.shape[0], :image.shape[1]], sizes[i] = image, image.shape[:2]
+    return RolloutBatch(ids, mask, pixels, grids, buf, sizes)

@@ -1,0 +1,253 @@
+"""The one-program multi-turn rollout: decoding, the zoom-in tool and observations, all on device.
+
+Per trajectory (DeepEyes spec sections 1 and 2), with static shapes throughout:
+  prefill the prompt -> for each turn: decode until <|im_end|>, the per-turn budget or a full
+  trajectory; recognise the turn's answer / last tool call from its token ids; a valid zoom crops
+  the original image, re-encodes the crop with the vision tower and appends the observation
+  (whole or not at all) to the KV cache; an invalid call appends a fixed error observation; a
+  turn with neither, an answer, a budget hit or the last allowed turn ends the trajectory.
+Turns are synchronous across the batch (as DeepEyes' per-turn vLLM calls): rows that are done
+idle, rows that finished their turn wait for the others. No host callback anywhere.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from deepeyes_jax.models.qwen2_5_vl.rope import mrope_position_ids
+from deepeyes_jax.models.qwen2_5_vl.text import write_rows
+from deepeyes_jax.rollout import config as rc
+from deepeyes_jax.rollout import tools, zoom
+from deepeyes_jax.rollout.inputs import RolloutBatch
+from deepeyes_jax.rollout.sampling import sample_tokens
+
+
+class Trajectories(NamedTuple):
+    tokens: jax.Array  # int32[B, S]: prompt, turns and observations, contiguous, then padding
+    attention_mask: jax.Array  # bool[B, S]
+    loss_mask: jax.Array  # bool[B, S]: exactly the sampled tokens (each turn's <|im_end|> included)
+    logprobs: jax.Array  # float32[B, S]: log-prob of each sampled token under the sampling policy
+    position_ids: jax.Array  # int32[3, B, S]: M-RoPE positions (get_rope_index of the final sequence)
+    crop_pixel_values: jax.Array  # float32[B, K, Pc, 1176]: the crops, in order (K = max_turns - 1)
+    crop_grid_thw: jax.Array  # int32[B, K, 3]
+    num_crops: jax.Array  # int32[B]
+    turn_status: jax.Array  # int32[B, max_turns]: tools.STATUS_* of each turn
+    turn_error: jax.Array  # int32[B, max_turns]: tools.ERROR_* of each turn
+    turn_bbox: jax.Array  # float32[B, max_turns, 4]: clipped zoom box of each turn
+    num_turns: jax.Array  # int32[B]
+    num_zooms: jax.Array  # int32[B]: successful zoom observations
+    response_length: jax.Array  # int32[B]: sampled tokens
+    end_reason: jax.Array  # int32[B]: config.END_*
+    length: jax.Array  # int32[B]: used slots
+
+
+class _State(NamedTuple):
+    tokens: jax.Array
+    valid: jax.Array
+    loss_mask: jax.Array
+    logprobs: jax.Array
+    positions: jax.Array
+    cache: tuple
+    last_logits: jax.Array
+    length: jax.Array
+    next_pos: jax.Array
+    active: jax.Array
+    turn: jax.Array
+    step: jax.Array
+    crop_pv: jax.Array
+    crop_grid: jax.Array
+    num_crops: jax.Array
+    turn_status: jax.Array
+    turn_error: jax.Array
+    turn_bbox: jax.Array
+    num_turns: jax.Array
+    num_zooms: jax.Array
+    response_length: jax.Array
+    end_reason: jax.Array
+
+
+def _row_positions(model, ids, valid, grid, start):
+    """Per-row M-RoPE of a chunk (at most one image per row) continuing from start int32[B].
+
+    -> (positions int32[3, B, T], next position int32[B]).
+    """
+    def one(i, v, g):
+        pos, _ = mrope_position_ids(i[None], v[None], g[None], image_token_id=model.config.image_token_id,
+                                    spatial_merge_size=model.config.vision.spatial_merge_size)
+        return pos[:, 0]
+
+    pos = jnp.moveaxis(jax.vmap(one)(ids, valid, grid), 0, 1) + start[None, :, None]
+    nxt = jnp.max(jnp.where(valid[None], pos, -1), axis=(0, 2)) + 1
+    return pos.astype(jnp.int32), jnp.where(valid.any(axis=1), nxt, start).astype(jnp.int32)
+
+
+def _put(buf, slot, value, where):
+    """buf[b, slot[b]] = value[b] where `where[b]` (buf [B, S] or [3, B, S] with value [3, B])."""
+    rows = jnp.arange(slot.shape[0])
+    if buf.ndim == 3:
+        return buf.at[:, rows, slot].set(jnp.where(where[None], value, buf[:, rows, slot]))
+    return buf.at[rows, slot].set(jnp.where(where, value, buf[rows, slot]))
+
+
+def _encode_rows(model, pixel_values, grids):
+    """Each row's single image: float[B, N, 1176], int[B, 3] -> float[B, N/4, D]."""
+    return jax.vmap(lambda pv, g: model.encode_images(pv, g[None]))(pixel_values, grids)
+
+
+def _logits_at(model, hidden, index):
+    """hidden float[B, T, D], index int32[B] -> float32[B, V]."""
+    h = jnp.take_along_axis(hidden, index[:, None, None], axis=1)
+    return model.logits(h)[:, 0].astype(jnp.float32)
+
+
+def _rollout(graphdef, cfg: rc.RolloutConfig, tpl: rc.Templates, params, batch: RolloutBatch, rng, table):
+    model = nnx.merge(graphdef, params)
+    b, p = batch.prompt_ids.shape
+    s, tt = cfg.max_total_len, cfg.max_turn_tokens
+    n_pre, n_suf = len(tpl.zoom_prefix), len(tpl.zoom_suffix)
+    chunk = max(n_pre + cfg.crop.max_patches // 4 + n_suf, max(map(len, tpl.errors)))
+    # Slack past max_total_len so fixed-size writes and turn gathers never clamp.
+    s_alloc = s + max(chunk, tt)
+    if p >= s:
+        raise ValueError(f"prompt length {p} leaves no room in max_total_len {s}")
+    n_obs = max(cfg.max_turns - 1, 1)
+    image_wh = batch.image_hw[:, ::-1].astype(jnp.float32)
+    if cfg.bbox_frame == "resized":  # the model reads boxes in its own (smart-resized) input frame
+        box_scale = image_wh / (batch.image_grid_thw[:, 2:0:-1] * model.config.vision.patch_size)
+    else:
+        box_scale = jnp.ones((b, 2), jnp.float32)
+
+    # ------------------------------------------------------------------ prefill
+    prompt_valid = batch.prompt_mask.astype(bool)
+    pos, next_pos = _row_positions(model, batch.prompt_ids, prompt_valid, batch.image_grid_thw, jnp.zeros(b, jnp.int32))
+    hidden, cache, valid = model.decode_chunk(
+        batch.prompt_ids, prompt_valid, pos, model.init_cache(b, s_alloc), jnp.zeros((b, s_alloc), bool),
+        jnp.zeros(b, jnp.int32), _encode_rows(model, batch.pixel_values, batch.image_grid_thw))
+    pad = lambda x, fill=0: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, s_alloc - p)], constant_values=fill)  # noqa: E731
+    pc = cfg.crop.max_patches
+    state = _State(
+        tokens=pad(batch.prompt_ids.astype(jnp.int32)), valid=valid, loss_mask=jnp.zeros((b, s_alloc), bool),
+        logprobs=jnp.zeros((b, s_alloc), jnp.float32), positions=pad(pos), cache=cache,
+        last_logits=_logits_at(model, hidden, jnp.full(b, p - 1)), length=jnp.full(b, p, jnp.int32),
+        next_pos=next_pos, active=jnp.ones(b, bool), turn=jnp.int32(0), step=jnp.int32(0),
+        crop_pv=jnp.zeros((b, n_obs, pc, batch.pixel_values.shape[-1]), jnp.float32),
+        crop_grid=jnp.zeros((b, n_obs, 3), jnp.int32), num_crops=jnp.zeros(b, jnp.int32),
+        turn_status=jnp.full((b, cfg.max_turns), tools.STATUS_NONE, jnp.int32),
+        turn_error=jnp.zeros((b, cfg.max_turns), jnp.int32), turn_bbox=jnp.zeros((b, cfg.max_turns, 4)),
+        num_turns=jnp.zeros(b, jnp.int32), num_zooms=jnp.zeros(b, jnp.int32),
+        response_length=jnp.zeros(b, jnp.int32), end_reason=jnp.full(b, rc.END_MAX_TURNS, jnp.int32),
+    )
+
+    # ------------------------------------------------------------------ one decoding step
+    def decode_step(carry):
+        st, decoding, turn_len = carry
+        tok, lp = sample_tokens(st.last_logits, jax.random.fold_in(rng, st.step), temperature=cfg.temperature,
+                                top_k=cfg.top_k, top_p=cfg.top_p)
+        slot = st.length
+        hidden, cache, valid = model.decode_chunk(
+            tok[:, None], decoding[:, None], jnp.broadcast_to(st.next_pos[None, :, None], (3, b, 1)),
+            st.cache, st.valid, slot)
+        logits = _logits_at(model, hidden, jnp.zeros(b, jnp.int32))
+        inc = decoding.astype(jnp.int32)
+        length, turn_len = st.length + inc, turn_len + inc
+        st = st._replace(
+            tokens=_put(st.tokens, slot, tok, decoding), valid=valid,
+            loss_mask=_put(st.loss_mask, slot, True, decoding), logprobs=_put(st.logprobs, slot, lp, decoding),
+            positions=_put(st.positions, slot, jnp.broadcast_to(st.next_pos, (3, b)), decoding), cache=cache,
+            last_logits=jnp.where(decoding[:, None], logits, st.last_logits), length=length,
+            next_pos=st.next_pos + inc, step=st.step + 1, response_length=st.response_length + inc)
+        finished = (tok == tpl.im_end) | (turn_len >= tt) | (length >= s)
+        return st, decoding & ~finished, turn_len
+
+    # ------------------------------------------------------------------ one turn
+    def turn(st: _State) -> _State:
+        turned, start = st.active, st.length
+        st, _, _ = jax.lax.while_loop(lambda c: c[1].any(), decode_step, (st, turned, jnp.zeros(b, jnp.int32)))
+        n_tok = st.length - start
+        turn_ids = jax.vmap(lambda t, i: jax.lax.dynamic_slice_in_dim(t, i, tt))(st.tokens, start)
+        parse = jax.vmap(lambda ids, n, wh, sc: tools.recognize_turn(ids, n, table, wh, cfg.tool, sc))(
+            turn_ids, n_tok, image_wh, box_scale)
+        closed = st.tokens[jnp.arange(b), jnp.maximum(st.length - 1, 0)] == tpl.im_end
+        last_turn = st.turn == cfg.max_turns - 1
+        is_zoom = parse.status == tools.STATUS_ZOOM
+        wants_obs = turned & closed & (is_zoom | (parse.status == tools.STATUS_ERROR)) & ~last_turn
+
+        # The observation: a crop encoded by the vision tower, or a fixed error message.
+        crop_pv, crop_grid = jax.vmap(lambda im, hw, box: zoom.crop_resize_patchify(im, hw, box, cfg.crop))(
+            batch.image, batch.image_hw, parse.bbox)
+        feats = _encode_rows(model, crop_pv, crop_grid)
+        n_img = crop_grid[:, 0] * crop_grid[:, 1] * crop_grid[:, 2] // model.config.vision.merge_unit
+        errors = jnp.asarray([e + (0,) * (chunk - len(e)) for e in tpl.errors], jnp.int32)
+        err_len = jnp.asarray([len(e) for e in tpl.errors], jnp.int32)
+        i = jnp.arange(chunk)[None, :]
+        prefix = jnp.asarray(tpl.zoom_prefix, jnp.int32)
+        suffix = jnp.asarray(tpl.zoom_suffix, jnp.int32)
+        after = i - n_pre - n_img[:, None]
+        zoom_ids = jnp.where(i < n_pre, prefix[jnp.clip(i, 0, n_pre - 1)],
+                             jnp.where(after < 0, tpl.image_pad, suffix[jnp.clip(after, 0, n_suf - 1)]))
+        ids = jnp.where(is_zoom[:, None], zoom_ids, errors[parse.error])
+        obs_len = jnp.where(is_zoom, n_pre + n_img + n_suf, err_len[parse.error])
+        append = wants_obs & (st.length + obs_len < s)  # whole or not at all, and room to answer
+        chunk_valid = (i < obs_len[:, None]) & append[:, None]
+        pos, next_pos = _row_positions(model, ids, chunk_valid, crop_grid, st.next_pos)
+        hidden, cache, valid = model.decode_chunk(ids, chunk_valid, pos, st.cache, st.valid, st.length, feats)
+        obs_logits = _logits_at(model, hidden, jnp.maximum(obs_len - 1, 0))
+        zoomed = append & is_zoom
+        rows, k = jnp.arange(b), jnp.minimum(st.num_crops, n_obs - 1)
+
+        reason = jnp.select(
+            [~closed & (st.length >= s), ~closed, parse.status == tools.STATUS_ANSWER,
+             parse.status == tools.STATUS_NONE, last_turn],
+            [rc.END_LENGTH, rc.END_TURN_BUDGET, rc.END_ANSWER, rc.END_NO_TOOL_CALL, rc.END_MAX_TURNS], rc.END_LENGTH)
+        record = lambda buf, value: buf.at[:, st.turn].set(jnp.where(turned, value, buf[:, st.turn]))  # noqa: E731
+        return st._replace(
+            tokens=write_rows(st.tokens, ids, st.length), valid=valid,
+            loss_mask=write_rows(st.loss_mask, jnp.zeros_like(chunk_valid), st.length),
+            logprobs=write_rows(st.logprobs, jnp.zeros(ids.shape, jnp.float32), st.length),
+            positions=jnp.moveaxis(write_rows(jnp.moveaxis(st.positions, 0, -1), jnp.moveaxis(pos, 0, -1),
+                                              st.length), -1, 0),
+            cache=cache,
+            last_logits=jnp.where(append[:, None], obs_logits, st.last_logits),
+            length=st.length + jnp.where(append, obs_len, 0),
+            next_pos=jnp.where(append, next_pos, st.next_pos),
+            active=append, turn=st.turn + 1,
+            crop_pv=st.crop_pv.at[rows, k].set(jnp.where(zoomed[:, None, None], crop_pv, st.crop_pv[rows, k])),
+            crop_grid=st.crop_grid.at[rows, k].set(jnp.where(zoomed[:, None], crop_grid, st.crop_grid[rows, k])),
+            num_crops=st.num_crops + zoomed, num_zooms=st.num_zooms + zoomed,
+            turn_status=record(st.turn_status, parse.status), turn_error=record(st.turn_error, parse.error),
+            turn_bbox=st.turn_bbox.at[:, st.turn].set(
+                jnp.where(turned[:, None], parse.bbox, st.turn_bbox[:, st.turn])),
+            num_turns=st.num_turns + turned,
+            end_reason=jnp.where(turned & ~append, reason, st.end_reason),
+        )
+
+    st = jax.lax.while_loop(lambda st: (st.turn < cfg.max_turns) & st.active.any(), turn, state)
+    valid = st.valid[:, :s]
+    return Trajectories(
+        tokens=jnp.where(valid, st.tokens[:, :s], 0), attention_mask=valid,
+        loss_mask=st.loss_mask[:, :s] & valid, logprobs=jnp.where(valid, st.logprobs[:, :s], 0.0),
+        position_ids=jnp.where(valid[None], st.positions[:, :, :s], 0),
+        crop_pixel_values=st.crop_pv, crop_grid_thw=st.crop_grid, num_crops=st.num_crops,
+        turn_status=st.turn_status, turn_error=st.turn_error, turn_bbox=st.turn_bbox, num_turns=st.num_turns,
+        num_zooms=st.num_zooms, response_length=st.response_length, end_reason=st.end_reason, length=st.length,
+    )
+
+
+def make_rollout(model, config: rc.RolloutConfig, templates: rc.Templates, table: tools.TokenBytes):
+    """-> (rollout(params, batch, rng) -> Trajectories, params): one compiled program per batch shape.
+
+    `params` is `nnx.state(model)`; pass updated parameters to the same function without recompiling.
+    """
+    graphdef, params = nnx.split(model)
+    jitted = jax.jit(functools.partial(_rollout, graphdef, config, templates))
+
+    def rollout(params, batch: RolloutBatch, rng) -> Trajectories:
+        return jitted(params, batch, rng, table)
+
+    rollout.jitted = jitted
+    return rollout, params

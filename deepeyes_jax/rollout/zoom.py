@@ -1,0 +1,411 @@
+"""The DeepEyes zoom-in observation on device: crop the original image, resize, patchify.
+
+DeepEyes (spec 1.6-1.8) turns an accepted box [x1, y1, x2, y2] (original-image pixels) into an
+observation with PIL `crop` (float coordinates rounded by Python round(), half to even), then the
+Qwen2-VL processor: smart_resize(factor 28, min_pixels, max_pixels), PIL BICUBIC resize of the
+uint8 crop, x * (1/255), CLIP normalise, patchify. Here the same runs in pure JAX with static
+shapes (no host callback), jittable and vmappable over rows:
+
+* `smart_resize`: equal to the host `image_processing.smart_resize` for every input (the host's
+  float64 steps are emulated exactly in integer arithmetic).
+* `CropSpec`: static buffer size and pixel budget, and the static sizes derived from them.
+* `crop_resize_patchify`: image buffer + box -> (pixel_values, grid_thw).
+
+Resize = PIL's separable two-pass fixed-point resampler: per output sample, bicubic (a = -0.5)
+taps at t = (x + 0.5 - center) / max(scale, 1) restricted to the crop and renormalised, rounded to
+22-bit fixed point; after each pass the sums are rounded and clipped to uint8. Both passes are
+dense matmuls over the zero-padded buffer into a fixed canvas (output rows/columns beyond the
+resized size and source pixels outside the crop get zero weight). Pillow >= 13 runs the vertical
+pass first when the crop loses more than twice as many rows as columns (see `CropSpec`).
+
+Not bit-exact: the tap weights are computed in float32 (PIL: float64) before the 22-bit
+rounding, and the tap sums are float32 matmuls (PIL: exact integers), so a few uint8 values per
+thousand land one level off (tests/test_zoom.py measures it; measured on CPU, where float32
+division is IEEE; TPU's approximate division may add a little). Everything after the resize (the
+uint8 -> normalised float lookup and the patch order) is exact.
+
+Cost example: a 2240x2240 buffer with a 1003520-pixel budget gives canvas 2240x2240 and
+max_patches 5120: ~68 G multiply-adds per crop, ~190 MB of temporaries per row (~135 MB with
+pillow13_order=False, which needs no lax.cond), 23 MB of pixel_values.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deepeyes_jax.data import image_processing as ip
+
+F = ip.FACTOR  # 28: resized sides are multiples of this
+P = ip.PATCH_SIZE  # 14
+
+# uint8 value -> normalised float32, per channel, computed exactly like the processor
+# (float64 rescale, float32 cast, float32 (x - mean) / std); flattened [3 * 256].
+_LUT = (((np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)[None, :]
+         - ip.IMAGE_MEAN[:, None]) / ip.IMAGE_STD[:, None]).reshape(-1)
+
+
+# --- Exact float64 emulation for smart_resize ------------------------------------------------
+# The host computes e.g. floor(h / sqrt(h * w / max_pixels) / 28) in float64; when the exact value
+# is an integer, float64 rounding decides between two results (e.g. a 38x38 crop becomes 84x84,
+# not 56x56). Without float64 on device, every step is redone with correctly rounded integer
+# arithmetic. An unsigned integer < 2^128 is uint32[8] of 16-bit limbs, little-endian; a positive
+# double is (m, e) meaning m * 2^e with m a 53-bit limb integer.
+
+_NL = 8
+_IDX = np.arange(_NL)
+_TOEPLITZ = _IDX[None, :] - _IDX[:, None]  # [i, k] -> k - i
+_ONE = np.eye(1, _NL, dtype=np.uint32)[0]
+
+
+def _limbs(x):
+    """int32 scalar in [0, 2^31) -> limbs."""
+    x = jnp.asarray(x, jnp.int32).astype(jnp.uint32)
+    return jnp.stack([x & 0xFFFF, x >> 16] + [jnp.zeros_like(x)] * (_NL - 2))
+
+
+def _carry(cols):
+    """uint32[8] column sums (< 2^31 each) -> limbs (anything past 128 bits is dropped)."""
+    out, c = [], 0
+    for i in range(_NL):
+        s = cols[i] + c
+        out.append(s & 0xFFFF)
+        c = s >> 16
+    return jnp.stack(out)
+
+
+def _mul(a, b):
+    """Exact product (callers keep it below 2^128)."""
+    bt = jnp.where(_TOEPLITZ >= 0, b[np.clip(_TOEPLITZ, 0, _NL - 1)], 0)  # bt[i, k] = b[k - i]
+    p = a[:, None] * bt  # 16 x 16 bits: fits uint32
+    lo = jnp.sum(p & 0xFFFF, axis=0, dtype=jnp.uint32)
+    hi = jnp.sum(p >> 16, axis=0, dtype=jnp.uint32)
+    return _carry(lo + jnp.concatenate([jnp.zeros(1, jnp.uint32), hi[:-1]]))
+
+
+def _cmp(a, b):
+    """-1, 0 or 1 as a <, ==, > b."""
+    top = jnp.max(jnp.where(a != b, _IDX, -1))
+    k = jnp.maximum(top, 0)
+    return jnp.where(top < 0, 0, jnp.where(a[k] > b[k], 1, -1))
+
+
+def _bitlen(a):
+    bits = 32 - jax.lax.clz(a).astype(jnp.int32)
+    return jnp.max(jnp.where(a != 0, 16 * _IDX + bits, 0))
+
+
+def _shl(a, s):
+    """a << s for traced 0 <= s < 128."""
+    q, r = s // 16, (s % 16).astype(jnp.uint32)
+    pad = jnp.concatenate([jnp.zeros(_NL + 1, jnp.uint32), a])  # pad[i + _NL + 1] = a[i]
+    hi, lo = pad[_IDX - q + _NL + 1], pad[_IDX - q + _NL]  # a[i - q], a[i - q - 1]
+    return ((hi << r) & 0xFFFF) | (lo >> (16 - r))
+
+
+def _shr(a, s):
+    """a >> s for traced 0 <= s < 128."""
+    q, r = s // 16, (s % 16).astype(jnp.uint32)
+    pad = jnp.concatenate([a, jnp.zeros(_NL + 1, jnp.uint32)])
+    lo, hi = pad[_IDX + q], pad[_IDX + q + 1]
+    return (lo >> r) | ((hi << (16 - r)) & 0xFFFF)
+
+
+def _low_bits(a, s):
+    """a mod 2^s."""
+    keep = jnp.clip(s - 16 * _IDX, 0, 16).astype(jnp.uint32)
+    return a & ((jnp.uint32(1) << keep) - 1)
+
+
+def _round53(n, e):
+    """The double nearest to n * 2^e (ties to even), as (m, e)."""
+    s = _bitlen(n) - 53
+    sp = jnp.maximum(s, 1)
+    q = _shr(n, sp)
+    c = _cmp(_low_bits(n, sp), _shl(_ONE, sp - 1))
+    up = (c > 0) | ((c == 0) & ((q[0] & 1) == 1))
+    q = _carry(q.at[0].add(up.astype(jnp.uint32)))
+    ovf = _bitlen(q) > 53  # rounded up to 2^53
+    q = jnp.where(ovf, _shr(q, jnp.int32(1)), q)
+    left = _shl(n, jnp.clip(-s, 0, 127))  # s <= 0: exact
+    return jnp.where(s > 0, q, left), e + jnp.where(s > 0, sp + ovf.astype(jnp.int32), s)
+
+
+def _f64(x):
+    return _round53(_limbs(x), jnp.int32(0))
+
+
+def _largest(pred, nbits):
+    """Largest c < 2^nbits with pred(c), for pred true up to some c and false above it."""
+    def body(k, c):
+        cand = c | _shl(_ONE, nbits - 1 - k)
+        return jnp.where(pred(cand), cand, c)
+    return jax.lax.fori_loop(0, nbits, body, jnp.zeros(_NL, jnp.uint32))
+
+
+def _fmul(a, b):
+    return _round53(_mul(a[0], b[0]), a[1] + b[1])
+
+
+def _fdiv(a, b):
+    # 55 extra quotient bits plus a sticky bit round exactly like a correctly rounded division.
+    n = _shl(a[0], jnp.int32(55))
+    q = _largest(lambda c: _cmp(_mul(c, b[0]), n) <= 0, 56)
+    sticky = (_cmp(_mul(q, b[0]), n) != 0).astype(jnp.uint32)
+    return _round53(q.at[0].set(q[0] | sticky), a[1] - b[1] - 55)
+
+
+def _fsqrt(a):
+    odd = (a[1] & 1) == 1
+    m = jnp.where(odd, _shl(a[0], jnp.int32(1)), a[0])
+    n = _shl(m, jnp.int32(56))
+    r = _largest(lambda c: _cmp(_mul(c, c), n) <= 0, 55)
+    sticky = (_cmp(_mul(r, r), n) != 0).astype(jnp.uint32)
+    return _round53(r.at[0].set(r[0] | sticky), (a[1] - odd.astype(jnp.int32) - 56) // 2)
+
+
+def _to_i32(a):
+    return (a[0] | (a[1] << 16)).astype(jnp.int32)
+
+
+def _ffloor(a):
+    m, e = a
+    return _to_i32(jnp.where(e >= 0, _shl(m, jnp.clip(e, 0, 127)), _shr(m, jnp.clip(-e, 0, 127))))
+
+
+def _fceil(a):
+    m, e = a
+    s = jnp.clip(-e, 0, 127)
+    exact = (e >= 0) | (_cmp(_shl(_shr(m, s), s), m) == 0)
+    return _ffloor(a) + (~exact).astype(jnp.int32)
+
+
+def smart_resize(height, width, *, factor=F, min_pixels, max_pixels):
+    """Traced int32 scalars (h, w) -> int32 (h', w'), equal to `image_processing.smart_resize`.
+
+    Inputs: h, w >= 1 with h * w < 2^31 and aspect <= 200 (where the host version does not
+    raise); min_pixels, max_pixels Python ints or traced int32; `factor` a static int. Like the
+    host version, the result can exceed max_pixels when a side is clamped to `factor`. About 600
+    sequential small-integer loop steps; negligible next to the resize.
+    """
+    h, w = jnp.asarray(height, jnp.int32), jnp.asarray(width, jnp.int32)
+    lo, hi = jnp.asarray(min_pixels, jnp.int32), jnp.asarray(max_pixels, jnp.int32)
+
+    def round_to_factor(x):  # round(x / factor) * factor, Python's half-to-even, in integers
+        q, r = x // factor, x % factor
+        return (q + ((2 * r > factor) | ((2 * r == factor) & (q % 2 == 1)))) * factor
+
+    h_bar, w_bar = round_to_factor(h), round_to_factor(w)
+    fh, fw, ff, fhw = _f64(h), _f64(w), _f64(factor), _f64(h * w)
+    beta = _fsqrt(_fdiv(fhw, _f64(hi)))  # math.sqrt((h * w) / max_pixels)
+    h_dn = jnp.maximum(factor, _ffloor(_fdiv(_fdiv(fh, beta), ff)) * factor)
+    w_dn = jnp.maximum(factor, _ffloor(_fdiv(_fdiv(fw, beta), ff)) * factor)
+    beta = _fsqrt(_fdiv(_f64(lo), fhw))  # math.sqrt(min_pixels / (h * w))
+    h_up = _fceil(_fdiv(_fmul(fh, beta), ff)) * factor
+    w_up = _fceil(_fdiv(_fmul(fw, beta), ff)) * factor
+    down, up = h_bar * w_bar > hi, h_bar * w_bar < lo
+    return (jnp.where(down, h_dn, jnp.where(up, h_up, h_bar)),
+            jnp.where(down, w_dn, jnp.where(up, w_up, w_bar)))
+
+
+# --- Static sizes --------------------------------------------------------------------------------
+
+def _round_f(n):
+    return F * round(n / F)
+
+
+@dataclasses.dataclass(frozen=True)
+class CropSpec:
+    """Static crop configuration (hashable; a change recompiles).
+
+    image_height, image_width: the original image is kept on device as a zero-padded
+      uint8[image_height, image_width, 3] buffer plus its true (h, w).
+    min_pixels, max_pixels: the crop's smart_resize budget (DeepEyes' fetch_image: 3136 and
+      12845056; the processor class defaults: 3136 and 1003520).
+    max_aspect: DeepEyes' box validation limit on max(h, w) / min(h, w).
+    pillow13_order: Pillow >= 13 resizes vertically first when the crop loses more than twice as
+      many rows as columns (python-pillow PR 9549); False = always horizontal first (Pillow <= 12,
+      what DeepEyes ran). Only changes the uint8 rounding between the passes.
+
+    Derived (all static): `max_patches` bounds grid_h * grid_w for every box DeepEyes accepts
+    (closed form, see `max_area`); `canvas_hw` is the exact largest resized (h', w') (a short
+    enumeration, cached). The boxes considered: clipped into the true image,
+    both float sides > 30, aspect <= max_aspect; PIL's rounding moves each side by at most 1, so
+    the integer crop has sides in [30, buffer side] and aspect <= (30 * max_aspect + 1) / 29.
+    """
+
+    image_height: int
+    image_width: int
+    min_pixels: int
+    max_pixels: int
+    max_aspect: float = 100.0
+    pillow13_order: bool = True
+
+    def __post_init__(self):
+        for name in ("image_height", "image_width"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or not 31 <= v <= 46340:
+                raise ValueError(f"{name} must be an int in [31, 46340], got {v!r}")
+        if not (isinstance(self.min_pixels, int) and isinstance(self.max_pixels, int)
+                and 0 < self.min_pixels <= self.max_pixels < 2**31):
+            raise ValueError(f"need ints 0 < min_pixels <= max_pixels < 2^31, got "
+                             f"{self.min_pixels!r}, {self.max_pixels!r}")
+        if not 1 <= self.max_aspect <= 190:  # the crops' aspect must stay within smart_resize's 200
+            raise ValueError(f"max_aspect must be in [1, 190], got {self.max_aspect!r}")
+
+    @property
+    def crop_aspect_bound(self) -> float:
+        """Largest aspect of the integer crop of an accepted box (short side > 30 before rounding)."""
+        return (30 * self.max_aspect + 1) / 29
+
+    @property
+    def _upscale_aspect(self) -> float:
+        """Aspect bound of crops that smart_resize upscales: R(h) R(w) < min_pixels with both
+        R >= 28 needs both sides < min_pixels / 28 + 14 (and <= the buffer), both >= 30."""
+        longest = min(self.min_pixels / F + P, max(self.image_height, self.image_width))
+        return max(1.0, min(self.crop_aspect_bound, longest / 30))
+
+    @functools.cached_property
+    def max_area(self) -> int:
+        """Upper bound on h' * w' (a multiple of 784), by smart_resize's branch:
+        kept: h' * w' <= min(max_pixels, R(H) * R(W)), R(n) = 28 * round(n / 28);
+        downscaled: <= max_pixels, or with one side clamped to 28,
+          <= 28 * max(28, min(sqrt(A * max_pixels), max(H, W)));
+        upscaled (factor b): <= (h b + 28)(w b + 28)
+          <= min_pixels + 28 sqrt(min_pixels) (sqrt(Au) + 1/sqrt(Au)) + 784,
+        with H x W the buffer, A = crop_aspect_bound, Au = the upscaled crops' aspect bound."""
+        a, au, lo, hi = self.crop_aspect_bound, self._upscale_aspect, self.min_pixels, self.max_pixels
+        bound = max(min(hi, _round_f(self.image_height) * _round_f(self.image_width)),
+                    F * max(F, min(math.sqrt(a * hi), max(self.image_height, self.image_width))),
+                    lo + F * math.sqrt(lo) * (math.sqrt(au) + 1 / math.sqrt(au)) + F * F)
+        return F * F * math.floor(bound * (1 + 1e-9) / (F * F))
+
+    @property
+    def max_patches(self) -> int:
+        """Rows of `pixel_values`: max_area / 196 (a multiple of 4)."""
+        return self.max_area // (P * P)
+
+    def _max_side(self, n: int, other: int) -> int:
+        """Exact max of the resized side along an axis of buffer side n (the other axis: `other`)
+        over all crops 30 <= h <= n, 30 <= w <= other, max/min <= A. For a fixed h, smart_resize's
+        branch moves from upscale to kept to downscale as w grows (R(h) R(w) does not decrease),
+        and within a branch the resized h does not grow with w (every float step is monotone), so
+        only the first w of each branch needs evaluating: O(n) host smart_resize calls."""
+        a, lo, hi = self.crop_aspect_bound, self.min_pixels, self.max_pixels
+        r = [_round_f(v) for v in range(30, other + 1)]  # R(w), non-decreasing
+        best = F
+        for h in range(30, n + 1):
+            w_lo = max(30, math.ceil(h / a) - 1)
+            while h > a * w_lo:  # the same float test as max(h, w) <= a * min(h, w)
+                w_lo += 1
+            w_hi = min(other, math.floor(a * h))
+            rh = _round_f(h)
+            for w in {w_lo, 30 + bisect.bisect_left(r, -(-lo // rh)), 30 + bisect.bisect_left(r, hi // rh + 1)}:
+                w = max(w, w_lo)
+                if w <= w_hi:
+                    best = max(best, ip.smart_resize(h, w, min_pixels=lo, max_pixels=hi)[0])
+        return best
+
+    @functools.cached_property
+    def canvas_hw(self) -> tuple[int, int]:
+        """(Hc, Wc): the resize output canvas, the largest resized (h', w') of any accepted box."""
+        return (self._max_side(self.image_height, self.image_width),
+                self._max_side(self.image_width, self.image_height))
+
+
+# --- Crop, resize, patchify -----------------------------------------------------------------------
+
+def _bicubic(t):
+    """PIL's bicubic kernel (a = -0.5), same operation order."""
+    t = jnp.abs(t)
+    near = (1.5 * t - 2.5) * t * t + 1.0
+    far = (((t - 5.0) * t + 8.0) * t - 4.0) * -0.5
+    return jnp.where(t < 1.0, near, jnp.where(t < 2.0, far, 0.0))
+
+
+def _weights(start, size, out, n_out, n_src):
+    """float32[n_out, n_src]: PIL BICUBIC weights resampling source [start, start + size) to `out`
+    samples; zero for output rows >= out and source indices outside the crop; each row
+    renormalised over the crop and rounded to 22-bit fixed point (half away from zero) like PIL.
+
+    t = (x + 0.5 - (j + 0.5) * size / out) / max(size / out, 1) is formed as an exact integer
+    ratio, so float32 only rounds once before the kernel."""
+    j = jnp.arange(n_out, dtype=jnp.int32)[:, None]
+    x = jnp.arange(n_src, dtype=jnp.int32)[None, :] - start
+    num = (2 * x + 1) * out - (2 * j + 1) * size
+    t = num.astype(jnp.float32) / (2 * jnp.maximum(size, out)).astype(jnp.float32)
+    w = jnp.where((x >= 0) & (x < size) & (j < out), _bicubic(t), 0.0)
+    total = jnp.sum(w, axis=1, keepdims=True)
+    w = w / jnp.where(total == 0, 1.0, total)
+    return jnp.sign(w) * jnp.floor(jnp.abs(w) * 2.0**22 + 0.5) * 2.0**-22
+
+
+def _round_clip(s):
+    """PIL's per-pass (sum + 2^21) >> 22, clipped to [0, 255]."""
+    return jnp.clip(jnp.floor(s + 0.5), 0.0, 255.0)
+
+
+def _pass_rows(w, x):  # float32[o, i] x [i, m, 3] -> [o, m, 3]
+    return _round_clip(jnp.einsum("oi,imc->omc", w, x, precision=jax.lax.Precision.HIGHEST))
+
+
+def _pass_cols(w, x):  # float32[o, i] x [m, i, 3] -> [m, o, 3]
+    return _round_clip(jnp.einsum("oi,mic->moc", w, x, precision=jax.lax.Precision.HIGHEST))
+
+
+def crop_resize_patchify(image, image_hw, bbox, spec: CropSpec):
+    """The zoom observation of one row.
+
+    image: uint8[Hb, Wb, 3], (Hb, Wb) = (spec.image_height, spec.image_width), zero-padded.
+    image_hw: int32[2], the true (h, w); pixels outside it read as 0 (PIL's crop fill).
+    bbox: float32[4] [x1, y1, x2, y2] in original-image pixels, already clipped and validated by
+      the caller (DeepEyes' rule); each coordinate is rounded half-to-even like PIL's crop.
+    Returns (pixel_values float32[spec.max_patches, 1176] in the processor's patch order, rows
+    from grid_h * grid_w on zero; grid_thw int32[3] = (1, h'/14, w'/14)). A box outside the
+    contract (e.g. empty) gives finite garbage with at most max_patches patches.
+
+    Cost: two dense matmul passes, Hb*Wb*Wc + Hc*Hb*Wc multiply-adds per channel (vertical first:
+    Hc*Hb*Wb + Hc*Wb*Wc); memory ~ (Hc*Hb + Wc*Wb) weights + Hb*Wc*3 + Hc*Wc*3 floats + the output.
+    Under vmap both pass orders are evaluated (lax.cond becomes a select).
+    """
+    hb, wb = spec.image_height, spec.image_width
+    hc, wc = spec.canvas_hw
+    if image.shape != (hb, wb, 3):
+        raise ValueError(f"image must be [{hb}, {wb}, 3] for this CropSpec, got {image.shape}")
+    x0, y0, x1, y1 = (jnp.round(bbox[i]).astype(jnp.int32) for i in range(4))
+    ch, cw = y1 - y0, x1 - x0
+    rh, rw = smart_resize(ch, cw, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
+    ok = (rh >= F) & (rw >= F) & (rh <= hc) & (rw <= wc)
+    ok &= jnp.where(ok, rh * rw, 0) <= spec.max_area
+    rh, rw = jnp.where(ok, rh, F), jnp.where(ok, rw, F)
+
+    inside = ((jnp.arange(hb) < image_hw[0])[:, None] & (jnp.arange(wb) < image_hw[1])[None, :])
+    img = jnp.where(inside[:, :, None], image.astype(jnp.float32), 0.0)
+    wv = _weights(y0, ch, rh, hc, hb)  # [Hc, Hb]
+    wh = _weights(x0, cw, rw, wc, wb)  # [Wc, Wb]
+    if spec.pillow13_order:
+        v_first = (ch - rh > 0) & (ch - rh > 2 * (cw - rw))
+        canvas = jax.lax.cond(v_first, lambda: _pass_cols(wh, _pass_rows(wv, img)),
+                              lambda: _pass_rows(wv, _pass_cols(wh, img)))
+    else:
+        canvas = _pass_rows(wv, _pass_cols(wh, img))  # [Hc, Wc, 3], 0..255, zero outside (rh, rw)
+
+    # Patch p -> merge window p // 4 (row-major over the (gh/2, gw/2) windows), 2x2 inside it.
+    gh, gw = rh // P, rw // P
+    p = jnp.arange(spec.max_patches, dtype=jnp.int32)
+    win, sub = p // 4, p % 4
+    valid = p < gh * gw
+    row = jnp.where(valid, (win // (gw // 2)) * 2 + sub // 2, 0)
+    col = jnp.where(valid, (win % (gw // 2)) * 2 + sub % 2, 0)
+    blocks = canvas.reshape(hc // P, P, wc // P, P, 3).transpose(0, 2, 4, 1, 3)  # [Hc/14, Wc/14, 3, 14, 14]
+    vals = blocks[row, col].astype(jnp.int32)  # [max_patches, 3, 14, 14]
+    x = jnp.asarray(_LUT)[jnp.arange(3, dtype=jnp.int32).reshape(1, 3, 1, 1) * 256 + vals]
+    x = jnp.broadcast_to(x[:, :, None], (spec.max_patches, 3, ip.TEMPORAL_PATCH_SIZE, P, P))
+    pixel_values = jnp.where(valid[:, None], x.reshape(spec.max_patches, ip.PATCH_DIM), 0.0)
+    return pixel_values, jnp.stack([jnp.int32(1), gh, gw])

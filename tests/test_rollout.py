@@ -1,0 +1,144 @@
+"""The compiled multi-turn rollout: reproduces scripted trajectories, its log-probs equal a
+teacher-forced forward pass, it compiles once and contains no host callback."""
+
+import jax
+import numpy as np
+import pytest
+
+import scripted
+from deepeyes_jax.models.qwen2_5_vl import mrope_position_ids
+from deepeyes_jax.models.qwen2_5_vl.model import jit_forward
+from deepeyes_jax.rollout import config as rc
+from deepeyes_jax.rollout import tools
+from deepeyes_jax.rollout.sampler import make_rollout
+
+# fp32 on both sides; the rollout attends over a KV cache, the reference over the whole
+# sequence at once, so only summation order differs.
+LOGPROB_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    return scripted.fitted()
+
+
+@pytest.fixture(scope="module")
+def greedy(fitted):
+    setup, model = fitted
+    rollout, params = make_rollout(model, setup.rollout_config(), setup.templates, setup.table)
+    return rollout, params, rollout(params, setup.batch, jax.random.key(0))
+
+
+def _row(traj, b):
+    valid = np.asarray(traj.attention_mask[b])
+    return np.asarray(traj.tokens[b])[valid], np.asarray(traj.loss_mask[b])[valid]
+
+
+def test_greedy_rollout_reproduces_the_scripted_trajectories(fitted, greedy):
+    setup, _ = fitted
+    traj = greedy[2]
+    for b in range(len(scripted.SCRIPTS)):
+        want_ids, want_loss, _, want_grids = setup.trajectory(b)
+        ids, loss = _row(traj, b)
+        np.testing.assert_array_equal(ids, want_ids, err_msg=f"row {b}")
+        np.testing.assert_array_equal(loss, want_loss, err_msg=f"row {b}")
+        n = int(traj.num_crops[b])
+        assert n == scripted.EXPECTED_ZOOMS[b] == int(traj.num_zooms[b])
+        np.testing.assert_array_equal(np.asarray(traj.crop_grid_thw[b, :n]), np.stack(want_grids[1:]) if n else
+                                      np.zeros((0, 3)))
+    np.testing.assert_array_equal(np.asarray(traj.end_reason), [rc.END_ANSWER] * 3)
+    np.testing.assert_array_equal(np.asarray(traj.num_turns), [3, 3, 1])
+    status = np.asarray(traj.turn_status)
+    assert status[0, :3].tolist() == [tools.STATUS_ZOOM, tools.STATUS_ZOOM, tools.STATUS_ANSWER]
+    assert status[1, :3].tolist() == [tools.STATUS_ERROR, tools.STATUS_ZOOM, tools.STATUS_ANSWER]
+    assert int(traj.turn_error[1, 0]) == tools.ERROR_INVALID_BBOX
+    np.testing.assert_allclose(np.asarray(traj.turn_bbox[0, 1]), [50, 40, 200, 160])
+    assert int(traj.response_length[2]) == int(np.asarray(traj.loss_mask[2]).sum())
+
+
+def _full_forward_inputs(setup, traj):
+    """Images of every row in order of appearance: the prompt image, then its crops."""
+    pixels, grids = [], []
+    for r in range(traj.tokens.shape[0]):
+        g = setup.batch.image_grid_thw[r]
+        pixels.append(setup.batch.pixel_values[r][:int(np.prod(g))])
+        grids.append(g)
+        for k in range(int(traj.num_crops[r])):
+            g = np.asarray(traj.crop_grid_thw[r, k])
+            pixels.append(np.asarray(traj.crop_pixel_values[r, k])[:int(np.prod(g))])
+            grids.append(g)
+    return np.concatenate(pixels), np.stack(grids).astype(np.int32)
+
+
+@pytest.mark.parametrize("temperature,seed", [(0.0, 0), (1.0, 1), (1.0, 2), (0.7, 3)])
+def test_logprobs_equal_teacher_forcing(fitted, temperature, seed):
+    setup, model = fitted
+    rollout, params = make_rollout(model, setup.rollout_config(temperature=temperature, top_k=50),
+                                   setup.templates, setup.table)
+    traj = rollout(params, setup.batch, jax.random.key(seed))
+    ids, mask = np.asarray(traj.tokens), np.asarray(traj.attention_mask).astype(np.int32)
+    pixels, grids = _full_forward_inputs(setup, traj)
+    # The recorded positions are get_rope_index of the final sequence.
+    want_pos, _ = mrope_position_ids(ids, mask, grids, image_token_id=setup.config.image_token_id,
+                                     spatial_merge_size=2)
+    np.testing.assert_array_equal(np.asarray(traj.position_ids)[:, mask.astype(bool)],
+                                  np.asarray(want_pos)[:, mask.astype(bool)])
+    logits = np.asarray(jit_forward(model)(ids, mask, pixels, grids), np.float64)
+    if temperature:
+        logits = logits / temperature
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    want = np.take_along_axis(logp[:, :-1], ids[:, 1:, None], axis=-1)[..., 0]
+    loss = np.asarray(traj.loss_mask)[:, 1:]
+    assert loss.sum() > 20
+    got = np.asarray(traj.logprobs)[:, 1:]
+    np.testing.assert_allclose(got[loss], want[loss], atol=LOGPROB_TOL, rtol=0)
+
+
+def test_second_batch_does_not_retrace_and_no_host_callback(fitted, greedy):
+    setup, model = fitted
+    rollout, params, _ = greedy
+    before = rollout.jitted._cache_size()
+    other = setup.batch._replace(image=setup.batch.image[::-1].copy())
+    rollout(params, other, jax.random.key(5)).tokens.block_until_ready()
+    assert rollout.jitted._cache_size() == before == 1
+    hlo = rollout.jitted.lower(params, setup.batch, jax.random.key(0), setup.table).as_text()
+    assert "callback" not in hlo.lower()
+
+
+def test_greedy_single_turn_equals_transformers_generate(tmp_path):
+    """A random (untrained) model, one turn of 24 greedy tokens, against transformers' generate."""
+    import torch
+    import transformers
+    from flax import nnx
+
+    from deepeyes_jax.models.qwen2_5_vl import Qwen2_5_VL, save_pretrained
+
+    setup = scripted.Setup()
+    model = Qwen2_5_VL(setup.config, rngs=nnx.Rngs(3))
+    n_new = 24
+    rollout, params = make_rollout(model, setup.rollout_config(max_turns=1, max_turn_tokens=n_new),
+                                   setup.templates, setup.table)
+    traj = rollout(params, setup.batch, jax.random.key(0))
+
+    save_pretrained(model, str(tmp_path))
+    hf = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path).eval()
+    batch = setup.batch
+    grids = batch.image_grid_thw
+    pixels = np.concatenate([batch.pixel_values[r][:int(np.prod(g))] for r, g in enumerate(grids)])
+    ids = batch.prompt_ids.astype(np.int64)
+    with torch.no_grad():
+        out = hf.generate(
+            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(batch.prompt_mask.astype(np.int64)),
+            pixel_values=torch.from_numpy(pixels), image_grid_thw=torch.from_numpy(grids.astype(np.int64)),
+            mm_token_type_ids=torch.from_numpy((ids == setup.config.image_token_id).astype(np.int64)),
+            max_new_tokens=n_new, do_sample=False, eos_token_id=setup.templates.im_end,
+            pad_token_id=0).numpy()[:, ids.shape[1]:]
+    p = ids.shape[1]
+    for b in range(len(ids)):
+        ours = np.asarray(traj.tokens[b, p:p + int(traj.response_length[b])])
+        ref = out[b]
+        if (ref == setup.templates.im_end).any():
+            ref = ref[:int(np.argmax(ref == setup.templates.im_end)) + 1]
+        np.testing.assert_array_equal(ours, ref, err_msg=f"row {b}")
+    assert int(traj.response_length.sum()) > 3 * 5
