@@ -56,12 +56,12 @@ def test_greedy_rollout_reproduces_the_scripted_trajectories(fitted, greedy):
     assert int(traj.response_length[2]) == int(np.asarray(traj.loss_mask[2]).sum())
 
 
-def _full_forward_inputs(setup, traj):
+def _full_forward_inputs(traj):
     """Images of every row in order of appearance: the prompt image, then its crops."""
     pixels, grids = [], []
     for r in range(traj.tokens.shape[0]):
-        g = setup.batch.image_grid_thw[r]
-        pixels.append(setup.batch.pixel_values[r][:int(np.prod(g))])
+        g = np.asarray(traj.prompt_grid_thw[r])
+        pixels.append(np.asarray(traj.prompt_pixel_values[r])[:int(np.prod(g))])
         grids.append(g)
         for k in range(int(traj.num_crops[r])):
             g = np.asarray(traj.crop_grid_thw[r, k])
@@ -77,7 +77,7 @@ def test_logprobs_equal_teacher_forcing(fitted, temperature, seed):
                                    setup.templates, setup.table)
     traj = rollout(params, setup.batch, jax.random.key(seed))
     ids, mask = np.asarray(traj.tokens), np.asarray(traj.attention_mask).astype(np.int32)
-    pixels, grids = _full_forward_inputs(setup, traj)
+    pixels, grids = _full_forward_inputs(traj)
     # The recorded positions are get_rope_index of the final sequence.
     want_pos, _ = mrope_position_ids(ids, mask, grids, image_token_id=setup.config.image_token_id,
                                      spatial_merge_size=2)
@@ -142,3 +142,38 @@ def test_greedy_single_turn_equals_transformers_generate(tmp_path):
             ref = ref[:int(np.argmax(ref == setup.templates.im_end)) + 1]
         np.testing.assert_array_equal(ours, ref, err_msg=f"row {b}")
     assert int(traj.response_length.sum()) > 3 * 5
+
+
+def test_same_trajectories_on_a_device_mesh(fitted, tmp_path):
+    """Batch sharded over data x fsdp, heads over tensor: the greedy rollout is unchanged."""
+    from deepeyes_jax.models.qwen2_5_vl import from_pretrained, save_pretrained
+    from deepeyes_jax.rollout.inputs import make_batch
+    from deepeyes_jax.sharding import make_mesh
+
+    setup, model = fitted
+    rows = [0, 1, 2, 0]
+    batch = make_batch(setup.tokenizer, [scripted.SCRIPTS[r][0] for r in rows], [setup.images[r] for r in rows],
+                       prompt_len=448, num_patches=192, image_hw=scripted.IMAGE_HW, max_pixels=scripted.PROMPT_PIXELS)
+    save_pretrained(model, str(tmp_path))
+    sharded = from_pretrained(str(tmp_path), mesh=make_mesh((2, 2, 2)))
+    assert sharded.model.layers[0].self_attn.q_proj.kernel[...].sharding.spec == jax.sharding.PartitionSpec(
+        "fsdp", "tensor")
+    rollout, params = make_rollout(sharded, setup.rollout_config(), setup.templates, setup.table)
+    traj = rollout(params, batch, jax.random.key(0))
+    for i, r in enumerate(rows):
+        want_ids, _, _, _ = setup.trajectory(r)
+        np.testing.assert_array_equal(_row(traj, i)[0], want_ids, err_msg=f"row {i}")
+    hlo = rollout.jitted.lower(params, batch, jax.random.key(0), setup.table).as_text()
+    assert hlo.count("sharding_constraint") > 0
+
+
+def test_bbox_frame_scales():
+    from deepeyes_jax.rollout.sampler import bbox_scale
+    hw = np.array([[1000, 2000], [168, 224]])
+    grid = np.array([[1, 36, 72], [1, 12, 16]])  # smart-resized to 504 x 1008 and 168 x 224
+    np.testing.assert_allclose(np.asarray(bbox_scale(hw, grid, "resized", 14)), [[2000 / 1008, 1000 / 504], [1, 1]])
+    np.testing.assert_array_equal(np.asarray(bbox_scale(hw, grid, "original", 14)), np.ones((2, 2)))
+    from deepeyes_jax.rollout.zoom import CropSpec
+    crop = CropSpec(image_height=64, image_width=64, min_pixels=3136, max_pixels=3136)
+    with pytest.raises(ValueError, match="bbox_frame must be 'original' or 'resized', got 'model'"):
+        rc.RolloutConfig(max_total_len=64, crop=crop, bbox_frame="model")

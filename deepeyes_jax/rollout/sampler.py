@@ -33,6 +33,8 @@ class Trajectories(NamedTuple):
     loss_mask: jax.Array  # bool[B, S]: exactly the sampled tokens (each turn's <|im_end|> included)
     logprobs: jax.Array  # float32[B, S]: log-prob of each sampled token under the sampling policy
     position_ids: jax.Array  # int32[3, B, S]: M-RoPE positions (get_rope_index of the final sequence)
+    prompt_pixel_values: jax.Array  # float32[B, Np, 1176]: image 0 of each row (the prompt image)
+    prompt_grid_thw: jax.Array  # int32[B, 3]
     crop_pixel_values: jax.Array  # float32[B, K, Pc, 1176]: the crops, in order (K = max_turns - 1)
     crop_grid_thw: jax.Array  # int32[B, K, 3]
     num_crops: jax.Array  # int32[B]
@@ -69,6 +71,18 @@ class _State(NamedTuple):
     num_zooms: jax.Array
     response_length: jax.Array
     end_reason: jax.Array
+
+
+def bbox_scale(image_hw, grid_thw, frame: str, patch_size: int) -> jax.Array:
+    """(x, y) factors from the model's box frame to original-image pixels: float32[B, 2].
+
+    "original": DeepEyes applies the box unchanged to the original image. "resized": the box is
+    in the frame of the smart-resized prompt image the model sees (grid * patch), spec issue #141.
+    """
+    image_wh = image_hw[:, ::-1].astype(jnp.float32)
+    if frame == "resized":
+        return image_wh / (grid_thw[:, 2:0:-1] * patch_size).astype(jnp.float32)
+    return jnp.ones_like(image_wh)
 
 
 def _row_positions(model, ids, valid, grid, start):
@@ -117,10 +131,7 @@ def _rollout(graphdef, cfg: rc.RolloutConfig, tpl: rc.Templates, params, batch: 
         raise ValueError(f"prompt length {p} leaves no room in max_total_len {s}")
     n_obs = max(cfg.max_turns - 1, 1)
     image_wh = batch.image_hw[:, ::-1].astype(jnp.float32)
-    if cfg.bbox_frame == "resized":  # the model reads boxes in its own (smart-resized) input frame
-        box_scale = image_wh / (batch.image_grid_thw[:, 2:0:-1] * model.config.vision.patch_size)
-    else:
-        box_scale = jnp.ones((b, 2), jnp.float32)
+    box_scale = bbox_scale(batch.image_hw, batch.image_grid_thw, cfg.bbox_frame, model.config.vision.patch_size)
 
     # ------------------------------------------------------------------ prefill
     prompt_valid = batch.prompt_mask.astype(bool)
@@ -232,6 +243,7 @@ def _rollout(graphdef, cfg: rc.RolloutConfig, tpl: rc.Templates, params, batch: 
         tokens=jnp.where(valid, st.tokens[:, :s], 0), attention_mask=valid,
         loss_mask=st.loss_mask[:, :s] & valid, logprobs=jnp.where(valid, st.logprobs[:, :s], 0.0),
         position_ids=jnp.where(valid[None], st.positions[:, :, :s], 0),
+        prompt_pixel_values=batch.pixel_values, prompt_grid_thw=batch.image_grid_thw,
         crop_pixel_values=st.crop_pv, crop_grid_thw=st.crop_grid, num_crops=st.num_crops,
         turn_status=st.turn_status, turn_error=st.turn_error, turn_bbox=st.turn_bbox, num_turns=st.num_turns,
         num_zooms=st.num_zooms, response_length=st.response_length, end_reason=st.end_reason, length=st.length,

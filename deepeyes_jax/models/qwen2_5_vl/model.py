@@ -64,12 +64,15 @@ class Qwen2_5_VL(nnx.Module):
     # ---------------------------------------------------------------- decoding with a KV cache
 
     def init_cache(self, batch: int, length: int):
-        """Empty KV cache (k, v) float[L, B, S, KV, hd] in the compute dtype."""
+        """Empty KV cache: per layer (k, v) float[B, S, KV, hd] in the compute dtype.
+
+        Separate arrays per layer (not one stacked array) so each step updates them in place.
+        """
         t = self.config.text
-        shape = (t.num_hidden_layers, batch, length, t.num_key_value_heads, t.head_dim)
-        axes = (None, "activation_batch", "activation_length", "activation_kv_heads", None)
-        zeros = self.shard(jnp.zeros(shape, self.config.dtype), axes)
-        return zeros, zeros
+        shape = (batch, length, t.num_key_value_heads, t.head_dim)
+        axes = ("activation_batch", "activation_length", "activation_kv_heads", None)
+        zeros = lambda: self.shard(jnp.zeros(shape, self.config.dtype), axes)  # noqa: E731
+        return tuple((zeros(), zeros()) for _ in range(t.num_hidden_layers))
 
     def decode_chunk(self, input_ids, chunk_valid, position_ids, cache, kv_valid, start, image_features=None):
         """Append T tokens per row to the cache and return their final hidden states.

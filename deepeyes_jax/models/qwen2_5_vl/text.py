@@ -73,15 +73,14 @@ class TextModel(nnx.Module):
     def __call__(self, x, cos, sin, mask, cache=None, start=None):
         """x float[B, T, D] input embeddings -> (final hidden states float[B, T, D], cache).
 
-        cache: None, or (k, v) float[L, B, S, KV, hd] written at slots start int32[B] + [0, T).
+        cache: None, or one (k, v) float[B, S, KV, hd] per layer, written at slots start int32[B] + [0, T).
         """
         x = self.shard(x, _HIDDEN)
+        new_cache = []
         for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else (cache[0][i], cache[1][i])
-            x, layer_cache = layer(x, cos, sin, mask, layer_cache, start)
-            if cache is not None:
-                cache = (cache[0].at[i].set(layer_cache[0]), cache[1].at[i].set(layer_cache[1]))
-        return self.norm(x), cache
+            x, layer_cache = layer(x, cos, sin, mask, None if cache is None else cache[i], start)
+            new_cache.append(layer_cache)
+        return self.norm(x), None if cache is None else tuple(new_cache)
 
 
 def write_rows(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:

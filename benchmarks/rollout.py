@@ -1,0 +1,256 @@
+"""The compiled rollout against transformers, in one run, with printed ratios.
+
+  python -m benchmarks.rollout [--batch=8] [--new_tokens=128]
+
+(a) decode: our single-turn rollout vs transformers `generate` on the same tiny Qwen2.5-VL
+    (4.9M parameters: text 256 wide, 4 layers; vision depth 2), batch, 101-token prompt with a
+    64-token image, and number of new tokens (no early stop on either side), greedy and sampled.
+(b) zoom: a multi-turn zoom rollout (the scripted policy of tests/scripted.py, a tiny model fitted to
+    zoom/zoom/answer trajectories) vs a host loop doing what DeepEyes does each turn: generate a turn
+    with transformers, decode the text, parse it with json (DeepEyes' rules), crop with PIL,
+    preprocess with the Hugging Face image processor, and re-prefill the whole context.
+Each side runs in its own process; memory is that process's peak RSS. Needs the test requirements.
+"""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+
+import dataclasses  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+flags.DEFINE_integer("batch", 8, "Rows per batch.")
+flags.DEFINE_integer("new_tokens", 128, "Tokens generated per row in the decode benchmark.")
+flags.DEFINE_string("child", "", "Internal: run one side and print its measurement.")
+flags.DEFINE_string("workdir", "", "Internal: shared checkpoint directory.")
+FLAGS = flags.FLAGS
+
+SIDES = ("ours_greedy", "hf_greedy", "ours_sampled", "hf_sampled", "ours_zoom", "hf_zoom")
+
+
+def _peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _decode_setup(workdir):
+    """A 4.9M-parameter model saved in the HF layout, plus the 101-token prompt batch."""
+    from flax import nnx
+
+    from deepeyes_jax.data import image_processing
+    from deepeyes_jax.data.tokenizer import build_tokenizer
+    from deepeyes_jax.models.qwen2_5_vl import ModelConfig, Qwen2_5_VL, TextConfig, VisionConfig, save_pretrained
+    from deepeyes_jax.rollout.inputs import RolloutBatch
+
+    tok = build_tokenizer(vocab_size=2048 - 16)
+    ids = tok.convert_tokens_to_ids
+    cfg = ModelConfig(
+        text=TextConfig(vocab_size=2048, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, mrope_section=(8, 12, 12)),
+        vision=VisionConfig(depth=2, hidden_size=128, intermediate_size=512, num_heads=2, out_hidden_size=256,
+                            fullatt_block_indexes=(1,)),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    path = os.path.join(workdir, "decode")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        save_pretrained(Qwen2_5_VL(cfg, rngs=nnx.Rngs(0)), path)
+    rng = np.random.default_rng(0)
+    b = FLAGS.batch
+    pv, grid = image_processing.preprocess_image(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8))
+    row = [cfg.vision_start_token_id] + [cfg.image_token_id] * 64 + [cfg.vision_end_token_id]
+    prompt = np.array([row + rng.integers(0, 1000, 101 - len(row)).tolist() for _ in range(b)], np.int32)
+    image = np.zeros((b, 224, 224, 3), np.uint8)
+    batch = RolloutBatch(prompt, np.ones_like(prompt), np.repeat(pv[None], b, 0), np.repeat(grid[None], b, 0)
+                         .astype(np.int32), image, np.full((b, 2), 224, np.int32))
+    return tok, path, batch
+
+
+def _ours(model_path, tok, batch, rollout_config, templates, repeats=3):
+    from deepeyes_jax.models.qwen2_5_vl import from_pretrained
+    from deepeyes_jax.rollout import tools
+    from deepeyes_jax.rollout.sampler import make_rollout
+
+    rollout, params = make_rollout(from_pretrained(model_path), rollout_config, templates, tools.token_bytes(tok))
+    batch = jax.device_put(batch)
+    rollout(params, batch, jax.random.key(0)).tokens.block_until_ready()  # compile
+    times = []
+    for i in range(repeats):
+        t = time.perf_counter()
+        traj = rollout(params, batch, jax.random.key(i))
+        traj.tokens.block_until_ready()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)), int(traj.response_length.sum()), int(traj.num_zooms.sum())
+
+
+def _hf_model(path):
+    import torch
+    import transformers
+    torch.set_num_threads(os.cpu_count())
+    model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(path).eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def _hf_generate(model, ids, mask, pixels, grids, image_token_id, **kw):
+    import torch
+    with torch.no_grad():
+        return model.generate(
+            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+            pixel_values=torch.from_numpy(pixels), image_grid_thw=torch.from_numpy(grids),
+            mm_token_type_ids=torch.from_numpy((ids == image_token_id).astype(np.int64)), pad_token_id=0, **kw,
+        ).numpy()[:, ids.shape[1]:]
+
+
+def _hf_decode(path, batch, image_token_id, sample, repeats=3):
+    import torch
+    model = _hf_model(path)
+    ids = batch.prompt_ids.astype(np.int64)
+    pixels = np.concatenate([pv[:int(np.prod(g))] for pv, g in zip(batch.pixel_values, batch.image_grid_thw)])
+    grids = batch.image_grid_thw.astype(np.int64)
+    kw = dict(max_new_tokens=FLAGS.new_tokens, min_new_tokens=FLAGS.new_tokens, do_sample=sample,
+              temperature=1.0 if sample else None, top_p=None, top_k=None)
+    _hf_generate(model, ids, np.ones_like(ids), pixels, grids, image_token_id, **kw)  # warm up
+    times = []
+    for i in range(repeats):
+        torch.manual_seed(i)
+        t = time.perf_counter()
+        out = _hf_generate(model, ids, np.ones_like(ids), pixels, grids, image_token_id, **kw)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)), int(out.size), 0
+
+
+def _zoom_setup(workdir):
+    import scripted
+
+    from deepeyes_jax.models.qwen2_5_vl import save_pretrained
+    path = os.path.join(workdir, "zoom")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        setup, model = scripted.fitted()
+        save_pretrained(model, path)
+    else:
+        setup = scripted.Setup()
+    rows = [r % len(scripted.SCRIPTS) for r in range(FLAGS.batch)]
+    from deepeyes_jax.rollout.inputs import make_batch
+    batch = make_batch(setup.tokenizer, [scripted.SCRIPTS[r][0] for r in rows], [setup.images[r] for r in rows],
+                       prompt_len=448, num_patches=192, image_hw=scripted.IMAGE_HW, max_pixels=scripted.PROMPT_PIXELS)
+    return setup, path, batch
+
+
+def _hf_zoom(setup, path, batch):
+    """DeepEyes' agent loop on the host: per turn generate, decode, json-parse, PIL crop, re-prefill."""
+    import PIL.Image
+    from test_tools import reference
+    from transformers import Qwen2VLImageProcessorPil
+
+    import scripted
+    from deepeyes_jax.rollout import tools
+    model = _hf_model(path)
+    processor = Qwen2VLImageProcessorPil(min_pixels=scripted.CROP_MIN, max_pixels=scripted.CROP_MAX)
+    tok, tpl, cfg = setup.tokenizer, setup.templates, setup.config
+    b = len(batch.prompt_ids)
+    t = time.perf_counter()
+    seqs = [batch.prompt_ids[r][batch.prompt_mask[r].astype(bool)].tolist() for r in range(b)]
+    images = [[batch.pixel_values[r][:int(np.prod(batch.image_grid_thw[r]))]] for r in range(b)]
+    grids = [[batch.image_grid_thw[r]] for r in range(b)]
+    active, sampled, zooms = list(range(b)), 0, 0
+    h, w = scripted.IMAGE_HW
+    for turn in range(4):
+        if not active:
+            break
+        length = max(len(seqs[r]) for r in active)
+        ids = np.zeros((len(active), length), np.int64)
+        mask = np.zeros_like(ids)
+        for i, r in enumerate(active):
+            ids[i, length - len(seqs[r]):], mask[i, length - len(seqs[r]):] = seqs[r], 1
+        out = _hf_generate(model, ids, mask, np.concatenate([p for r in active for p in images[r]]),
+                           np.stack([g for r in active for g in grids[r]]).astype(np.int64), cfg.image_token_id,
+                           max_new_tokens=64, do_sample=False, eos_token_id=tpl.im_end)
+        still = []
+        for i, r in enumerate(active):
+            new = out[i].tolist()
+            new = new[:new.index(tpl.im_end) + 1] if tpl.im_end in new else new
+            sampled += len(new)
+            seqs[r] += new
+            result = reference(tok.decode(new, skip_special_tokens=False), w, h)
+            if turn == 3 or result["status"] in ("answer", "none") or new[-1] != tpl.im_end:
+                continue
+            if result["status"] == "zoom":
+                crop = PIL.Image.fromarray(setup.images[r % len(scripted.SCRIPTS)]).crop(
+                    tuple(round(v) for v in result["bbox"]))
+                proc = processor(images=[crop], return_tensors="np")
+                images[r].append(proc["pixel_values"].astype(np.float32))
+                grids[r].append(proc["image_grid_thw"][0])
+                n = int(proc["image_grid_thw"][0].prod()) // 4
+                seqs[r] += list(tpl.zoom_prefix) + [tpl.image_pad] * n + list(tpl.zoom_suffix)
+                zooms += 1
+            else:
+                seqs[r] += list(tpl.errors[{n: k for k, n in tools.ERROR_NAMES.items()}[result["error"]]])
+            still.append(r)
+        active = still
+    return time.perf_counter() - t, sampled, zooms
+
+
+def child(side, workdir):
+    from deepeyes_jax.rollout.config import RolloutConfig, make_templates
+    from deepeyes_jax.rollout.zoom import CropSpec
+    if side.endswith("zoom"):
+        setup, path, batch = _zoom_setup(workdir)
+        if side == "ours_zoom":
+            return _ours(path, setup.tokenizer, batch, setup.rollout_config(), setup.templates)
+        _hf_zoom(setup, path, batch)  # warm up
+        return _hf_zoom(setup, path, batch)
+    tok, path, batch = _decode_setup(workdir)
+    sample = side.endswith("sampled")
+    if side.startswith("hf"):
+        return _hf_decode(path, batch, tok.convert_tokens_to_ids("<|image_pad|>"), sample)
+    # No stop token: exactly new_tokens per row, like min_new_tokens on the other side.
+    templates = dataclasses.replace(make_templates(tok), im_end=-1)
+    config = RolloutConfig(max_total_len=101 + FLAGS.new_tokens, max_turns=1, max_turn_tokens=FLAGS.new_tokens,
+                           temperature=1.0 if sample else 0.0,
+                           crop=CropSpec(image_height=224, image_width=224, min_pixels=3136, max_pixels=3136))
+    return _ours(path, tok, batch, config, templates)
+
+
+def main(argv):
+    del argv
+    if FLAGS.child == "fit":
+        _zoom_setup(FLAGS.workdir)
+        return
+    if FLAGS.child:
+        seconds, tokens, zooms = child(FLAGS.child, FLAGS.workdir)
+        print(json.dumps(dict(seconds=seconds, tokens=tokens, zooms=zooms, peak_mb=_peak_mb())))
+        return
+    results = {}
+    with tempfile.TemporaryDirectory() as workdir:
+        # Fit and save the scripted policy here, so neither side's process pays for (or holds) it.
+        subprocess.run([sys.executable, "-m", "benchmarks.rollout", "--child=fit", f"--workdir={workdir}"],
+                       capture_output=True, check=True)
+        for side in SIDES:
+            out = subprocess.run([sys.executable, "-m", "benchmarks.rollout", f"--child={side}",
+                                  f"--workdir={workdir}", f"--batch={FLAGS.batch}",
+                                  f"--new_tokens={FLAGS.new_tokens}"],
+                                 capture_output=True, text=True, check=True)
+            results[side] = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"jax {jax.__version__}, {os.cpu_count()} CPU cores, batch {FLAGS.batch}, fp32; "
+          f"memory = peak RSS of the process")
+    print(f"{'benchmark':>16} {'ours tok/s':>10} {'hf tok/s':>9} {'speedup':>8} {'ours MB':>8} {'hf MB':>7} "
+          f"{'tokens':>7} {'zooms':>6}")
+    for name in ("greedy", "sampled", "zoom"):
+        o, h = results[f"ours_{name}"], results[f"hf_{name}"]
+        ours_tps, hf_tps = o["tokens"] / o["seconds"], h["tokens"] / h["seconds"]
+        label = f"decode {name}" if name != "zoom" else "multi-turn zoom"
+        print(f"{label:>16} {ours_tps:10.0f} {hf_tps:9.0f} {ours_tps / hf_tps:8.2f} {o['peak_mb']:8.0f} "
+              f"{h['peak_mb']:7.0f} {o['tokens']:>3}/{h['tokens']:<3} {o['zooms']:>2}/{h['zooms']:<2}")
+
+
+if __name__ == "__main__":
+    app.run(main)
