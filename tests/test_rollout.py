@@ -177,3 +177,27 @@ def test_bbox_frame_scales():
     crop = CropSpec(image_height=64, image_width=64, min_pixels=3136, max_pixels=3136)
     with pytest.raises(ValueError, match="bbox_frame must be 'original' or 'resized', got 'model'"):
         rc.RolloutConfig(max_total_len=64, crop=crop, bbox_frame="model")
+
+
+def test_device_teacher_forcing_matches_recorded_logprobs(fitted):
+    """The on-device trajectory pass the GRPO update uses gives the rollout's own log-probs."""
+    from flax import nnx
+
+    from deepeyes_jax.rl.trajectory_forward import trajectory_hidden
+
+    setup, model = fitted
+    rollout, params = make_rollout(model, setup.rollout_config(temperature=1.0), setup.templates, setup.table)
+    traj = rollout(params, setup.batch, jax.random.key(11))
+    assert int(traj.num_zooms.sum()) >= 1
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def logprobs(state, traj):
+        m = nnx.merge(graphdef, state)
+        logits = m.logits(trajectory_hidden(m, traj)).astype(np.float32)
+        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+        return jax.numpy.take_along_axis(logp, traj.tokens[:, 1:, None], axis=-1)[..., 0]
+
+    got = np.asarray(logprobs(state, traj))
+    loss = np.asarray(traj.loss_mask)[:, 1:]
+    np.testing.assert_allclose(got[loss], np.asarray(traj.logprobs)[:, 1:][loss], atol=LOGPROB_TOL, rtol=0)

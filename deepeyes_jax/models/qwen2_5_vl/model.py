@@ -118,10 +118,15 @@ class Qwen2_5_VL(nnx.Module):
             embeds = merge_image_features(embeds, input_ids, features, cfg.image_token_id)
         if position_ids is None:
             position_ids, _ = self.position_ids(input_ids, attention_mask, image_grid_thw)
+        return self.logits(self.hidden_states(embeds, attention_mask, position_ids)).astype(jnp.float32)
+
+    def hidden_states(self, embeds: jax.Array, attention_mask: jax.Array, position_ids: jax.Array) -> jax.Array:
+        """Decoder over input embeddings float[B, T, D] (images already merged) -> final hidden float[B, T, D]."""
+        cfg = self.config
         cos, sin = mrope_cos_sin(position_ids, head_dim=cfg.text.head_dim, theta=cfg.text.rope_theta,
                                  mrope_section=cfg.text.mrope_section, dtype=cfg.dtype)
         hidden, _ = self.model(embeds, cos, sin, causal_padding_mask(attention_mask))
-        return self.logits(hidden).astype(jnp.float32)
+        return hidden
 
     def _check_inputs(self, input_ids, attention_mask, pixel_values, image_grid_thw):
         """Host-side validation with errors that name the offending input (explicit fetches,
