@@ -119,7 +119,8 @@ def _logits_at(model, hidden, index):
     return model.logits(h)[:, 0].astype(jnp.float32)
 
 
-def _rollout(graphdef, cfg: rc.RolloutConfig, tpl: rc.Templates, params, batch: RolloutBatch, rng, table):
+def rollout_program(graphdef, cfg: rc.RolloutConfig, tpl: rc.Templates, params, batch: RolloutBatch, rng, table):
+    """The rollout as a traceable function (make_rollout jits it; the fused train step inlines it)."""
     model = nnx.merge(graphdef, params)
     b, p = batch.prompt_ids.shape
     s, tt = cfg.max_total_len, cfg.max_turn_tokens
@@ -256,7 +257,7 @@ def make_rollout(model, config: rc.RolloutConfig, templates: rc.Templates, table
     `params` is `nnx.state(model)`; pass updated parameters to the same function without recompiling.
     """
     graphdef, params = nnx.split(model)
-    jitted = jax.jit(functools.partial(_rollout, graphdef, config, templates))
+    jitted = jax.jit(functools.partial(rollout_program, graphdef, config, templates))
 
     def rollout(params, batch: RolloutBatch, rng) -> Trajectories:
         return jitted(params, batch, rng, table)

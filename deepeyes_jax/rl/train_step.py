@@ -1,0 +1,116 @@
+"""The fused GRPO step: rollout, rewards, advantages, loss, gradient and update as ONE program.
+
+    step(params, opt_state, batch, rng) -> (params, opt_state, metrics, trajectories)
+
+Rows of a batch come in groups: each prompt repeated `group_size` times, consecutively. The old
+log-probs are the rollout's own (they equal a teacher-forced pass to ~1e-5 in fp32, see
+tests/test_rollout.py), so one rollout feeds one update without a second forward. Parameters and
+optimizer state are donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from deepeyes_jax.rl import grpo, rewards
+from deepeyes_jax.rl.trajectory_forward import trajectory_hidden
+from deepeyes_jax.rollout import config as rc
+from deepeyes_jax.rollout import tools
+from deepeyes_jax.rollout.inputs import RolloutBatch
+from deepeyes_jax.rollout.sampler import rollout_program
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    rollout: rc.RolloutConfig
+    grpo: grpo.GRPOConfig
+    reward: rewards.RewardConfig = rewards.RewardConfig()
+    logprob_chunk: int = 512  # sequence positions per chunk of the log-prob computation
+
+
+class TrainBatch(NamedTuple):
+    rollout: RolloutBatch  # B = prompts * group_size rows, groups consecutive
+    answer: jax.Array  # uint8[B, G]: ground truth, UTF-8
+    answer_len: jax.Array  # int32[B]
+    source_kind: jax.Array  # int32[B]: rewards.SOURCE_TOOL / SOURCE_MATH
+
+
+def make_optimizer(learning_rate, *, weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
+                   b1: float = 0.9, b2: float = 0.999) -> optax.GradientTransformation:
+    """Gradient clipping then AdamW; `learning_rate` may be an optax schedule."""
+    parts = [] if max_grad_norm is None else [optax.clip_by_global_norm(max_grad_norm)]
+    return optax.chain(*parts, optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay))
+
+
+def _mean(x, where):
+    where = where.astype(jnp.float32)
+    return jnp.sum(x * where) / jnp.maximum(jnp.sum(where), 1.0)
+
+
+def _step(graphdef, cfg: TrainConfig, templates, tx, params, opt_state, batch: TrainBatch, rng, table):
+    traj = rollout_program(graphdef, cfg.rollout, templates, params, batch.rollout, rng, table)
+    p = batch.rollout.prompt_ids.shape[1]
+    score = jax.vmap(functools.partial(rewards.reward_from_tokens, table=table, config=cfg.reward))(
+        traj.tokens[:, p:], traj.attention_mask[:, p:], batch.answer, batch.answer_len, batch.source_kind,
+        traj.num_zooms)
+    adv = grpo.group_advantages(score["reward"], cfg.grpo.group_size, eps=cfg.grpo.adv_eps,
+                                norm_by_std=cfg.grpo.norm_adv_by_std)
+    mask = traj.loss_mask[:, 1:]
+
+    def loss_fn(params):
+        model = nnx.merge(graphdef, params)
+        logp, entropy = grpo.token_logprobs_and_entropy(
+            trajectory_hidden(model, traj)[:, :-1], grpo.lm_head_matrix(model), traj.tokens[:, 1:],
+            chunk=cfg.logprob_chunk, temperature=cfg.grpo.temperature)
+        return grpo.policy_loss(logp, traj.logprobs[:, 1:], adv, mask, cfg.grpo, entropy=entropy)
+
+    (loss, pairs), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+
+    zoomed = traj.num_zooms > 0
+    metrics = {k: s / jnp.maximum(c, 1) for k, (s, c) in pairs.items()}
+    metrics.update(
+        loss=loss,
+        reward=jnp.mean(score["reward"]),
+        accuracy=jnp.mean(score["acc"]),
+        format_error=jnp.mean(score["format_error"]),
+        tool_call_rate=jnp.mean(zoomed),
+        zooms_per_trajectory=jnp.mean(traj.num_zooms),
+        response_length=jnp.mean(traj.response_length),
+        turns=jnp.mean(traj.num_turns),
+        answered=jnp.mean(traj.end_reason == rc.END_ANSWER),
+        accuracy_with_zoom=_mean(score["acc"], zoomed),
+        grad_norm=optax.global_norm(grads),
+        sampled_tokens=jnp.sum(traj.response_length),
+    )
+    rows = dict(reward=score["reward"], acc=score["acc"], advantage=adv)
+    return params, opt_state, metrics, traj, rows
+
+
+def make_train_step(model, tx: optax.GradientTransformation, config: TrainConfig, templates: rc.Templates,
+                    table: tools.TokenBytes):
+    """-> (step, params, opt_state). step(params, opt_state, batch, rng) -> (params, opt_state, metrics,
+    trajectories, per-row dict of reward / acc / advantage).
+
+    params and opt_state are donated: `params` starts as the model's own arrays, so after the first
+    step the model object no longer holds valid parameters (use `nnx.merge(graphdef, params)`).
+    """
+    if config.rollout.temperature != config.grpo.temperature:
+        raise ValueError(f"rollout temperature {config.rollout.temperature} != GRPO temperature "
+                         f"{config.grpo.temperature}: the old log-probs would not match the loss's")
+    graphdef, params = nnx.split(model)
+    jitted = jax.jit(functools.partial(_step, graphdef, config, templates, tx), donate_argnums=(0, 1))
+
+    def step(params, opt_state, batch: TrainBatch, rng):
+        return jitted(params, opt_state, batch, rng, table)
+
+    step.jitted = jitted
+    return step, params, tx.init(params)

@@ -1,0 +1,102 @@
+"""The fused GRPO step (rollout + reward + advantages + loss + update in one program)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import scripted
+from deepeyes_jax.models.qwen2_5_vl.model import jit_forward
+from deepeyes_jax.rl.grpo import GRPOConfig
+from deepeyes_jax.rl.rewards import SOURCE_TOOL, RewardConfig
+from deepeyes_jax.rl.train_step import TrainBatch, TrainConfig, make_optimizer, make_train_step
+
+QUESTION = "Which option is right, A or B?"
+# The same prompt answered both ways: the fitted policy is a coin between A and B.
+BANDIT = [(QUESTION, ["<answer>A</answer>"]), (QUESTION, ["<answer>B</answer>"])]
+GROUP = 8
+
+
+@pytest.fixture(scope="module")
+def bandit():
+    setup = scripted.Setup(BANDIT)
+    return setup, scripted.fit(setup, steps=60, until_exact=False)
+
+
+def _batch(setup, answer=b"A"):
+    rollout = setup.make_batch([0] * 2 * GROUP)
+    b = len(rollout.prompt_ids)
+    gt = np.zeros((b, 8), np.uint8)
+    gt[:, :len(answer)] = np.frombuffer(answer, np.uint8)
+    return TrainBatch(rollout, gt, np.full(b, len(answer), np.int32), np.full(b, SOURCE_TOOL, np.int32))
+
+
+def _train_step(setup, model, lr=2e-3, reward=RewardConfig()):
+    # The step donates its parameters; train a copy so the shared fixture model stays usable.
+    graphdef, state = nnx.split(model)
+    model = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+    config = TrainConfig(rollout=setup.rollout_config(temperature=1.0, max_turns=2),
+                         grpo=GRPOConfig(group_size=GROUP), reward=reward)
+    return make_train_step(model, make_optimizer(lr, max_grad_norm=1.0), config, setup.templates, setup.table)
+
+
+def _p_answer_a(setup, model):
+    """P(A) / (P(A) + P(B)) of the two scripted answers, teacher forced."""
+    ids, mask, loss, pixels, grids = scripted.packed([setup.trajectory(0), setup.trajectory(1)])
+    logits = np.asarray(jit_forward(model)(ids, mask, pixels, grids), np.float64)[:, :-1]
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    tok = np.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+    la, lb = (tok[i][loss[i, 1:]].sum() for i in range(2))
+    return 1 / (1 + np.exp(lb - la))
+
+
+def test_probability_of_the_rewarded_answer_rises(bandit):
+    setup, model = bandit
+    graphdef = nnx.split(model)[0]
+    p0 = _p_answer_a(setup, model)
+    assert 0.2 < p0 < 0.8, p0
+    step, params, opt_state = _train_step(setup, model)
+    batch = _batch(setup)
+    accuracy = []
+    for i in range(4):
+        params, opt_state, metrics, _, _ = step(params, opt_state, batch, jax.random.key(i))
+        accuracy.append(float(metrics["accuracy"]))
+    p1 = _p_answer_a(setup, nnx.merge(graphdef, params))
+    assert p1 > p0 + 0.2, (p0, p1, accuracy)
+
+
+def test_zero_advantages_give_zero_gradient(bandit):
+    setup, model = bandit
+    no_reward = RewardConfig(acc_weight=0.0, format_weight=0.0, tool_weight=0.0)
+    step, params, opt_state = _train_step(setup, model, reward=no_reward)
+    before = jax.tree.map(np.asarray, params)
+    params, _, metrics, _, rows = step(params, opt_state, _batch(setup), jax.random.key(0))
+    assert float(metrics["grad_norm"]) == 0.0
+    np.testing.assert_array_equal(np.asarray(rows["advantage"]), 0.0)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params), before)
+
+
+def test_loss_equals_numpy_recomputation_and_compiles_once(bandit):
+    setup, model = bandit
+    step, params, opt_state = _train_step(setup, model)
+    batch = _batch(setup)
+    _, _, metrics, traj, rows = step(jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, opt_state), batch,
+                                     jax.random.key(3))
+    # Advantages: (r - mean) / (unbiased std + 1e-6) per group of 8.
+    r = np.asarray(rows["reward"], np.float64).reshape(-1, GROUP)
+    want_adv = (r - r.mean(1, keepdims=True)) / (r.std(1, ddof=1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(np.asarray(rows["advantage"]), want_adv.reshape(-1), atol=1e-5)
+    assert 0 < float(np.mean(np.asarray(rows["acc"]))) < 1
+    # First step: the policy is the sampling policy, ratio = 1 up to ~1e-5, nothing is clipped, so
+    # the token-mean loss is -sum(A * tokens) / sum(tokens).
+    tokens = np.asarray(traj.loss_mask).sum(1)
+    want = -(np.asarray(rows["advantage"]) * tokens).sum() / tokens.sum()
+    assert abs(float(metrics["loss"]) - want) < 1e-3
+    assert float(metrics["pg_clipfrac"]) == 0.0
+
+    hlo = step.jitted.lower(params, opt_state, batch, jax.random.key(0), setup.table).as_text()
+    assert "callback" not in hlo.lower()
+    step(params, opt_state, batch, jax.random.key(4))
+    assert step.jitted._cache_size() == 1
