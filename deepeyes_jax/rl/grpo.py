@@ -175,6 +175,19 @@ def agg_loss(loss_mat: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
     raise ValueError(f"unknown loss_agg_mode {mode!r}")
 
 
+def micro_batch_weight(mask: jax.Array, full_mask: jax.Array, mode: str) -> jax.Array:
+    """Weight of one micro-batch's `agg_loss` so that the weighted sum over micro-batches equals
+    `agg_loss` of the whole batch (exact gradient accumulation): its share of the tokens
+    (token-mean), of the non-empty rows (seq-mean-*), or 1 (seq-mean-token-sum-norm)."""
+    mask, full_mask = mask.astype(jnp.float32), full_mask.astype(jnp.float32)
+    if mode == "token-mean":
+        return jnp.sum(mask) / jnp.maximum(jnp.sum(full_mask), 1.0)
+    if mode == "seq-mean-token-sum-norm":
+        return jnp.ones((), jnp.float32)
+    rows = lambda m: jnp.sum((jnp.sum(m, axis=-1) > 0).astype(jnp.float32))  # noqa: E731
+    return rows(mask) / jnp.maximum(rows(full_mask), 1.0)
+
+
 def kl_penalty(logp: jax.Array, ref_logp: jax.Array, kl_type: str) -> jax.Array:
     """Per-token KL estimate of pi_theta vs pi_ref (verl `kl_penalty`), float32[B, T]."""
     if kl_type == "k1":

@@ -24,7 +24,7 @@ from deepeyes_jax.rl.trajectory_forward import trajectory_hidden
 from deepeyes_jax.rollout import config as rc
 from deepeyes_jax.rollout import tools
 from deepeyes_jax.rollout.inputs import RolloutBatch
-from deepeyes_jax.rollout.sampler import rollout_program
+from deepeyes_jax.rollout.sampler import Trajectories, rollout_program
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +33,8 @@ class TrainConfig:
     grpo: grpo.GRPOConfig
     reward: rewards.RewardConfig = rewards.RewardConfig()
     logprob_chunk: int = 512  # sequence positions per chunk of the log-prob computation
+    mini_batches: int = 1  # optimizer updates per rollout batch (rows split evenly; old log-probs = rollout's)
+    micro_batches: int = 1  # gradient accumulation steps inside each update (exact, see micro_batch_weight)
 
 
 class TrainBatch(NamedTuple):
@@ -49,6 +51,20 @@ def make_optimizer(learning_rate, *, weight_decay: float = 0.0, max_grad_norm: f
     return optax.chain(*parts, optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay))
 
 
+def _split_rows(tree, n: int):
+    """Split every array's row axis into [n, rows / n] (position_ids keep rows on their axis 1)."""
+    def split(x, axis=0):
+        x = jnp.moveaxis(x, axis, 0)
+        return jnp.moveaxis(x.reshape(n, x.shape[0] // n, *x.shape[1:]), 1, axis + 1)
+
+    def go(x):
+        if isinstance(x, Trajectories):
+            return x._replace(**{f: split(getattr(x, f), 1 if f == "position_ids" else 0) for f in x._fields})
+        return split(x)
+
+    return jax.tree.map(go, tree, is_leaf=lambda x: isinstance(x, Trajectories))
+
+
 def _mean(x, where):
     where = where.astype(jnp.float32)
     return jnp.sum(x * where) / jnp.maximum(jnp.sum(where), 1.0)
@@ -62,23 +78,36 @@ def _step(graphdef, cfg: TrainConfig, templates, tx, params, opt_state, batch: T
         traj.num_zooms)
     adv = grpo.group_advantages(score["reward"], cfg.grpo.group_size, eps=cfg.grpo.adv_eps,
                                 norm_by_std=cfg.grpo.norm_adv_by_std)
-    mask = traj.loss_mask[:, 1:]
 
-    def loss_fn(params):
+    def loss_fn(params, traj, adv):
         model = nnx.merge(graphdef, params)
         logp, entropy = grpo.token_logprobs_and_entropy(
             trajectory_hidden(model, traj)[:, :-1], grpo.lm_head_matrix(model), traj.tokens[:, 1:],
             chunk=cfg.logprob_chunk, temperature=cfg.grpo.temperature)
-        return grpo.policy_loss(logp, traj.logprobs[:, 1:], adv, mask, cfg.grpo, entropy=entropy)
+        return grpo.policy_loss(logp, traj.logprobs[:, 1:], adv, traj.loss_mask[:, 1:], cfg.grpo, entropy=entropy)
 
-    (loss, pairs), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    def update(carry, data):
+        params, opt_state = carry
+        full_mask = data[0].loss_mask[:, 1:]
+
+        def micro(grads, part):
+            weight = grpo.micro_batch_weight(part[0].loss_mask[:, 1:], full_mask, cfg.grpo.loss_agg_mode)
+            (loss, pairs), g = jax.value_and_grad(loss_fn, has_aux=True)(params, *part)
+            grads = jax.tree.map(lambda a, b: a + weight * b, grads, g)
+            return grads, (weight * loss, {k: v for k, v in pairs.items() if k not in ("loss", "pg_loss")})
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grads, (losses, pairs) = jax.lax.scan(micro, zeros, _split_rows(data, cfg.micro_batches))
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), (jnp.sum(losses), pairs, optax.global_norm(grads))
+
+    (params, opt_state), (losses, pairs, grad_norms) = jax.lax.scan(
+        update, (params, opt_state), _split_rows((traj, adv), cfg.mini_batches))
 
     zoomed = traj.num_zooms > 0
-    metrics = {k: s / jnp.maximum(c, 1) for k, (s, c) in pairs.items()}
+    metrics = {k: jnp.sum(s) / jnp.maximum(jnp.sum(c), 1) for k, (s, c) in pairs.items()}
     metrics.update(
-        loss=loss,
+        loss=jnp.mean(losses),
         reward=jnp.mean(score["reward"]),
         accuracy=jnp.mean(score["acc"]),
         format_error=jnp.mean(score["format_error"]),
@@ -88,7 +117,7 @@ def _step(graphdef, cfg: TrainConfig, templates, tx, params, opt_state, batch: T
         turns=jnp.mean(traj.num_turns),
         answered=jnp.mean(traj.end_reason == rc.END_ANSWER),
         accuracy_with_zoom=_mean(score["acc"], zoomed),
-        grad_norm=optax.global_norm(grads),
+        grad_norm=jnp.mean(grad_norms),
         sampled_tokens=jnp.sum(traj.response_length),
     )
     rows = dict(reward=score["reward"], acc=score["acc"], advantage=adv)
@@ -103,6 +132,8 @@ def make_train_step(model, tx: optax.GradientTransformation, config: TrainConfig
     params and opt_state are donated: `params` starts as the model's own arrays, so after the first
     step the model object no longer holds valid parameters (use `nnx.merge(graphdef, params)`).
     """
+    if config.mini_batches < 1 or config.micro_batches < 1:
+        raise ValueError(f"mini_batches {config.mini_batches} and micro_batches {config.micro_batches} must be >= 1")
     if config.rollout.temperature != config.grpo.temperature:
         raise ValueError(f"rollout temperature {config.rollout.temperature} != GRPO temperature "
                          f"{config.grpo.temperature}: the old log-probs would not match the loss's")
@@ -110,6 +141,10 @@ def make_train_step(model, tx: optax.GradientTransformation, config: TrainConfig
     jitted = jax.jit(functools.partial(_step, graphdef, config, templates, tx), donate_argnums=(0, 1))
 
     def step(params, opt_state, batch: TrainBatch, rng):
+        rows, parts = batch.answer.shape[0], config.mini_batches * config.micro_batches
+        if rows % config.grpo.group_size or rows % parts:
+            raise ValueError(f"batch of {rows} rows must divide into groups of {config.grpo.group_size} and into "
+                             f"{config.mini_batches} mini x {config.micro_batches} micro batches")
         return jitted(params, opt_state, batch, rng, table)
 
     step.jitted = jitted

@@ -80,6 +80,7 @@ class ModelConfig:
     param_dtype: Any = jnp.float32
     dtype: Any = jnp.float32  # compute dtype
     axis_rules: AxisRules = DEFAULT_AXIS_RULES
+    remat: bool = False  # recompute decoder layers in the backward pass instead of storing activations
 
     def __post_init__(self):
         t, v = self.text, self.vision

@@ -63,8 +63,9 @@ class DecoderLayer(nnx.Module):
 class TextModel(nnx.Module):
     """Embeddings, decoder layers and the final norm (the Hub's `model.*` tensors)."""
 
-    def __init__(self, cfg: TextConfig, *, rngs, param_dtype, dtype, shard: Sharder):
+    def __init__(self, cfg: TextConfig, *, rngs, param_dtype, dtype, shard: Sharder, remat: bool = False):
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.remat = remat
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, **kw)
         self.layers = nnx.List([DecoderLayer(cfg, shard=shard, **kw) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
@@ -77,10 +78,15 @@ class TextModel(nnx.Module):
         """
         x = self.shard(x, _HIDDEN)
         new_cache = []
+        run = _run_layer if not self.remat else nnx.remat(_run_layer)
         for i, layer in enumerate(self.layers):
-            x, layer_cache = layer(x, cos, sin, mask, None if cache is None else cache[i], start)
+            x, layer_cache = run(layer, x, cos, sin, mask, None if cache is None else cache[i], start)
             new_cache.append(layer_cache)
         return self.norm(x), None if cache is None else tuple(new_cache)
+
+
+def _run_layer(layer, *args):
+    return layer(*args)
 
 
 def write_rows(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
