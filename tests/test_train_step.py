@@ -97,7 +97,8 @@ def test_loss_equals_numpy_recomputation_and_compiles_once(bandit):
     assert abs(float(metrics["loss"]) - want) < 1e-3
     assert float(metrics["pg_clipfrac"]) == 0.0
 
-    hlo = step.jitted.lower(params, opt_state, batch, jax.random.key(0), setup.table).as_text()
+    assert step.ref_params is None  # no reference model without a KL term
+    hlo = step.jitted.lower(params, opt_state, batch, jax.random.key(0), setup.table, None).as_text()
     assert "callback" not in hlo.lower()
     step(params, opt_state, batch, jax.random.key(4))
     assert step.jitted._cache_size() == 1
@@ -128,3 +129,19 @@ def test_several_updates_per_rollout_batch(bandit):
     assert np.isfinite(float(metrics["loss"]))
     with pytest.raises(ValueError, match="must divide into groups of 8 and into 2 mini x 2 micro"):
         step(params, opt_state, _batch(setup)._replace(answer=np.zeros((6, 8), np.uint8)), jax.random.key(1))
+
+
+def test_kl_to_a_frozen_reference(bandit):
+    setup, model = bandit
+    grpo_cfg = GRPOConfig(group_size=GROUP, kl_coef=0.1, kl_type="k3")
+    config = TrainConfig(rollout=setup.rollout_config(temperature=1.0, max_turns=2), grpo=grpo_cfg)
+    graphdef, state = nnx.split(model)
+    fresh = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+    step, params, opt_state = make_train_step(fresh, make_optimizer(5e-3), config, setup.templates, setup.table)
+    assert step.ref_params is not None
+    kl = []
+    for i in range(3):
+        params, opt_state, metrics, _, _ = step(params, opt_state, _batch(setup), jax.random.key(i))
+        kl.append(float(metrics["kl"]))
+    # The first step evaluates the reference itself (KL 0 up to float noise); then the policy moves away.
+    assert abs(kl[0]) < 1e-5 and kl[2] > 1e-4, kl

@@ -70,7 +70,8 @@ def _mean(x, where):
     return jnp.sum(x * where) / jnp.maximum(jnp.sum(where), 1.0)
 
 
-def _step(graphdef, cfg: TrainConfig, templates, tx, params, opt_state, batch: TrainBatch, rng, table):
+def _step(graphdef, cfg: TrainConfig, templates, tx, params, opt_state, batch: TrainBatch, rng, table,
+          ref_params):
     traj = rollout_program(graphdef, cfg.rollout, templates, params, batch.rollout, rng, table)
     p = batch.rollout.prompt_ids.shape[1]
     score = jax.vmap(functools.partial(rewards.reward_from_tokens, table=table, config=cfg.reward))(
@@ -79,12 +80,17 @@ def _step(graphdef, cfg: TrainConfig, templates, tx, params, opt_state, batch: T
     adv = grpo.group_advantages(score["reward"], cfg.grpo.group_size, eps=cfg.grpo.adv_eps,
                                 norm_by_std=cfg.grpo.norm_adv_by_std)
 
-    def loss_fn(params, traj, adv):
+    def token_logprobs(params, traj):
         model = nnx.merge(graphdef, params)
-        logp, entropy = grpo.token_logprobs_and_entropy(
+        return grpo.token_logprobs_and_entropy(
             trajectory_hidden(model, traj)[:, :-1], grpo.lm_head_matrix(model), traj.tokens[:, 1:],
             chunk=cfg.logprob_chunk, temperature=cfg.grpo.temperature)
-        return grpo.policy_loss(logp, traj.logprobs[:, 1:], adv, traj.loss_mask[:, 1:], cfg.grpo, entropy=entropy)
+
+    def loss_fn(params, traj, adv):
+        logp, entropy = token_logprobs(params, traj)
+        ref_logp = None if ref_params is None else jax.lax.stop_gradient(token_logprobs(ref_params, traj)[0])
+        return grpo.policy_loss(logp, traj.logprobs[:, 1:], adv, traj.loss_mask[:, 1:], cfg.grpo,
+                                ref_logp=ref_logp, entropy=entropy)
 
     def update(carry, data):
         params, opt_state = carry
@@ -139,13 +145,16 @@ def make_train_step(model, tx: optax.GradientTransformation, config: TrainConfig
                          f"{config.grpo.temperature}: the old log-probs would not match the loss's")
     graphdef, params = nnx.split(model)
     jitted = jax.jit(functools.partial(_step, graphdef, config, templates, tx), donate_argnums=(0, 1))
+    # The frozen reference policy exists only when the KL term is on.
+    ref_params = jax.tree.map(jnp.copy, params) if config.grpo.kl_coef > 0 else None
 
     def step(params, opt_state, batch: TrainBatch, rng):
         rows, parts = batch.answer.shape[0], config.mini_batches * config.micro_batches
         if rows % config.grpo.group_size or rows % parts:
             raise ValueError(f"batch of {rows} rows must divide into groups of {config.grpo.group_size} and into "
                              f"{config.mini_batches} mini x {config.micro_batches} micro batches")
-        return jitted(params, opt_state, batch, rng, table)
+        return jitted(params, opt_state, batch, rng, table, ref_params)
 
     step.jitted = jitted
+    step.ref_params = ref_params
     return step, params, tx.init(params)
