@@ -57,3 +57,27 @@ def test_segment_attention_is_differentiable_and_matches_dense_gradient():
     got = jax.grad(lambda x: loss(lambda a, b, c: segment_attention(a, b, c, seg, block=64), x))(q)
     want = jax.grad(lambda x: loss(dense, x))(q)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+
+
+def test_chunked_text_attention_equals_dense_with_gradients():
+    """The decoder's query-blocked attention (rematerialised per block) vs one dense softmax."""
+    import jax
+    import jax.numpy as jnp
+
+    from deepeyes_jax.models.layers import chunked_attention, masked_attention
+
+    rng = np.random.default_rng(4)
+    q = rng.normal(size=(2, 37, 4, 8)).astype(np.float32)
+    k, v = (rng.normal(size=(2, 37, 2, 8)).astype(np.float32) for _ in range(2))
+    valid = np.ones((2, 37), bool)
+    valid[1, :5] = False  # left padding
+    mask = np.tril(np.ones((37, 37), bool))[None] & valid[:, None, :]
+
+    def loss(fn, q):
+        return jnp.sum(jnp.sin(fn(q, k, v, mask)) * valid[:, :, None, None])
+
+    dense = jax.value_and_grad(lambda x: loss(masked_attention, x))(q)
+    for chunk in (8, 10, 37, 64):
+        got = jax.value_and_grad(lambda x: loss(lambda *a: chunked_attention(*a, chunk), x))(q)
+        np.testing.assert_allclose(float(got[0]), float(dense[0]), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(got[1]), np.asarray(dense[1]), atol=1e-5)

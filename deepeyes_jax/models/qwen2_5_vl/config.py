@@ -81,6 +81,7 @@ class ModelConfig:
     dtype: Any = jnp.float32  # compute dtype
     axis_rules: AxisRules = DEFAULT_AXIS_RULES
     remat: bool = False  # recompute decoder layers in the backward pass instead of storing activations
+    attention_chunk: int = 512  # text attention runs in query blocks of this many rows (memory ~ chunk * T)
 
     def __post_init__(self):
         t, v = self.text, self.vision

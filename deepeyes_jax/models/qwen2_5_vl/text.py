@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from deepeyes_jax.models.layers import Dense, Embed, GatedMLP, RMSNorm, apply_rope, masked_attention
+from deepeyes_jax.models.layers import Dense, Embed, GatedMLP, RMSNorm, apply_rope, chunked_attention
 from deepeyes_jax.models.qwen2_5_vl.config import TextConfig
 from deepeyes_jax.sharding import Sharder
 
@@ -14,8 +14,9 @@ _HIDDEN = ("activation_batch", "activation_length", "activation_embed")
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, rngs, param_dtype, dtype, shard: Sharder):
+    def __init__(self, cfg: TextConfig, *, rngs, param_dtype, dtype, shard: Sharder, chunk: int = 512):
         d, hd = cfg.hidden_size, cfg.head_dim
+        self.chunk = chunk
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         self.q_proj = Dense(d, cfg.num_attention_heads * hd, logical_axes=("embed", "heads"), use_bias=True, **kw)
         self.k_proj = Dense(d, cfg.num_key_value_heads * hd, logical_axes=("embed", "kv_heads"), use_bias=True, **kw)
@@ -39,15 +40,15 @@ class Attention(nnx.Module):
         if cache is not None:
             k, v = write_rows(cache[0], k, start), write_rows(cache[1], v, start)
             cache = (k, v)
-        out = masked_attention(q, k, v, mask)
+        out = chunked_attention(q, k, v, mask, self.chunk)
         return self.o_proj(out.reshape(b, t, -1)), cache
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, rngs, param_dtype, dtype, shard: Sharder):
+    def __init__(self, cfg: TextConfig, *, rngs, param_dtype, dtype, shard: Sharder, chunk: int = 512):
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
-        self.self_attn = Attention(cfg, shard=shard, **kw)
+        self.self_attn = Attention(cfg, shard=shard, chunk=chunk, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, act=cfg.hidden_act, use_bias=False,
                             shard=shard, **kw)
@@ -63,11 +64,13 @@ class DecoderLayer(nnx.Module):
 class TextModel(nnx.Module):
     """Embeddings, decoder layers and the final norm (the Hub's `model.*` tensors)."""
 
-    def __init__(self, cfg: TextConfig, *, rngs, param_dtype, dtype, shard: Sharder, remat: bool = False):
+    def __init__(self, cfg: TextConfig, *, rngs, param_dtype, dtype, shard: Sharder, remat: bool = False,
+                 attention_chunk: int = 512):
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         self.remat = remat
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, **kw)
-        self.layers = nnx.List([DecoderLayer(cfg, shard=shard, **kw) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nnx.List([DecoderLayer(cfg, shard=shard, chunk=attention_chunk, **kw)
+                                for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
         self.shard = shard
 

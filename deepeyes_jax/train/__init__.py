@@ -1,0 +1,1 @@
+"""Training-loop infrastructure: orbax checkpoints and preemption, metrics files and progress."""
