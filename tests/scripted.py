@@ -19,6 +19,7 @@ from flax import nnx
 from deepeyes_jax.data import image_processing
 from deepeyes_jax.data.tokenizer import build_tokenizer
 from deepeyes_jax.models.qwen2_5_vl import ModelConfig, Qwen2_5_VL, TextConfig, VisionConfig
+from deepeyes_jax.models.qwen2_5_vl.presets import for_tokenizer
 from deepeyes_jax.rollout import tools
 from deepeyes_jax.rollout.config import RolloutConfig, make_templates
 from deepeyes_jax.rollout.inputs import make_batch
@@ -57,17 +58,11 @@ class Setup:
     def __init__(self, scripts=SCRIPTS):
         self.scripts = scripts
         self.tokenizer = tok = build_tokenizer(vocab_size=1024)
-        ids = {t: tok.convert_tokens_to_ids(t) for t in
-               ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_end|>")}
-        self.config = ModelConfig(
-            text=TextConfig(vocab_size=-(-len(tok) // 64) * 64, hidden_size=128, intermediate_size=256,
-                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                            mrope_section=(4, 6, 6)),
+        self.config = for_tokenizer(ModelConfig(
+            text=TextConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, mrope_section=(4, 6, 6)),
             vision=VisionConfig(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
-                                fullatt_block_indexes=(1,)),
-            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        )
+                                fullatt_block_indexes=(1,))), tok)
         self.templates = make_templates(tok)
         self.table = tools.token_bytes(tok)
         self.crop = CropSpec(image_height=IMAGE_HW[0], image_width=IMAGE_HW[1], min_pixels=CROP_MIN,

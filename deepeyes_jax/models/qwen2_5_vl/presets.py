@@ -58,3 +58,11 @@ def get_preset(name: str, **runtime) -> ModelConfig:
     if name not in PRESETS:
         raise KeyError(f"unknown Qwen2.5-VL preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name].replace(**runtime)
+
+
+def for_tokenizer(config: ModelConfig, tokenizer) -> ModelConfig:
+    """`config` with the vocabulary (rounded up to a multiple of 64) and special-token ids of `tokenizer`."""
+    ids = tokenizer.convert_tokens_to_ids
+    text = dataclasses.replace(config.text, vocab_size=-(-len(tokenizer) // 64) * 64)
+    return config.replace(text=text, image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                          vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
