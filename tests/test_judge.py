@@ -70,7 +70,10 @@ class _Server:
                 if mode == "nochoices":
                     self._send(200, b'{"choices": []}')
                     return
-                if "## Student Final Answer\n" in prompt:
+                if mode == "letter_a":  # a judge that accepts exactly the answer "A"
+                    said = prompt.split("[Model_answer] : ")[-1].rsplit("\nJudgement:", 1)[0].strip()
+                    content = "Judgement: 1" if said == "A" else "Judgement: 0"
+                elif "## Student Final Answer\n" in prompt:
                     content = prompt.split("## Student Final Answer\n")[-1]
                 else:
                     content = prompt.split("[Model_answer] : ")[-1].rsplit("\nJudgement:", 1)[0]

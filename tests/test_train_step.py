@@ -145,3 +145,32 @@ def test_kl_to_a_frozen_reference(bandit):
         kl.append(float(metrics["kl"]))
     # The first step evaluates the reference itself (KL 0 up to float noise); then the policy moves away.
     assert abs(kl[0]) < 1e-5 and kl[2] > 1e-4, kl
+
+
+def test_judged_step_uses_the_judge_over_http(bandit):
+    """Judge on: rollout program -> host judge (a real HTTP server on loopback) -> update program."""
+    from test_judge import _Server
+
+    from deepeyes_jax.rl.judge import JudgeClient, JudgeConfig
+    from deepeyes_jax.rl.train_step import make_judged_train_step
+
+    setup, model = bandit
+    graphdef, state = nnx.split(model)
+    fresh = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+    config = TrainConfig(rollout=setup.rollout_config(temperature=1.0, max_turns=2), grpo=GRPOConfig(group_size=GROUP))
+    server = _Server()
+    try:
+        client = JudgeClient(JudgeConfig(base_url=server.url("letter_a"), timeout=5.0, backoff=0.02))
+        step, params, opt_state = make_judged_train_step(fresh, make_optimizer(1e-3), config, setup.templates,
+                                                         setup.table, tokenizer=setup.tokenizer, judge=client)
+        batch = _batch(setup)
+        questions, truths = [QUESTION] * len(batch.answer), ["A"] * len(batch.answer)
+        params, opt_state, metrics, traj, rows = step(params, opt_state, batch, jax.random.key(0), questions, truths)
+    finally:
+        server.close()
+    acc = np.asarray(rows["acc"])
+    assert 0 < acc.mean() < 1 and float(metrics["judge_failed"]) == 0
+    # The judge's verdicts drive the reward: 0.8 acc - 0.2 format error (no zooms in these single-turn answers).
+    np.testing.assert_allclose(np.asarray(rows["reward"]), 0.8 * acc - 0.2 * np.asarray(rows["format_error"]),
+                               atol=1e-6)
+    assert sum(1 for mode, _ in server.bodies if mode == "letter_a") == len(acc)

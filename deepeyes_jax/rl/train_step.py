@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -70,13 +71,22 @@ def _mean(x, where):
     return jnp.sum(x * where) / jnp.maximum(jnp.sum(where), 1.0)
 
 
-def _step(graphdef, cfg: TrainConfig, templates, tx, params, opt_state, batch: TrainBatch, rng, table,
-          ref_params):
+def _rollout_and_score(graphdef, cfg: TrainConfig, templates, params, batch: TrainBatch, rng, table):
     traj = rollout_program(graphdef, cfg.rollout, templates, params, batch.rollout, rng, table)
     p = batch.rollout.prompt_ids.shape[1]
     score = jax.vmap(functools.partial(rewards.reward_from_tokens, table=table, config=cfg.reward))(
         traj.tokens[:, p:], traj.attention_mask[:, p:], batch.answer, batch.answer_len, batch.source_kind,
         traj.num_zooms)
+    return traj, score
+
+
+def _step(graphdef, cfg: TrainConfig, templates, tx, params, opt_state, batch: TrainBatch, rng, table,
+          ref_params):
+    traj, score = _rollout_and_score(graphdef, cfg, templates, params, batch, rng, table)
+    return _update(graphdef, cfg, tx, params, opt_state, traj, score, ref_params)
+
+
+def _update(graphdef, cfg: TrainConfig, tx, params, opt_state, traj, score, ref_params):
     adv = grpo.group_advantages(score["reward"], cfg.grpo.group_size, eps=cfg.grpo.adv_eps,
                                 norm_by_std=cfg.grpo.norm_adv_by_std)
 
@@ -126,7 +136,7 @@ def _step(graphdef, cfg: TrainConfig, templates, tx, params, opt_state, batch: T
         grad_norm=jnp.mean(grad_norms),
         sampled_tokens=jnp.sum(traj.response_length),
     )
-    rows = dict(reward=score["reward"], acc=score["acc"], advantage=adv)
+    rows = dict(reward=score["reward"], acc=score["acc"], format_error=score["format_error"], advantage=adv)
     return params, opt_state, metrics, traj, rows
 
 
@@ -157,4 +167,48 @@ def make_train_step(model, tx: optax.GradientTransformation, config: TrainConfig
 
     step.jitted = jitted
     step.ref_params = ref_params
+    return step, params, tx.init(params)
+
+
+def make_judged_train_step(model, tx: optax.GradientTransformation, config: TrainConfig, templates: rc.Templates,
+                           table: tools.TokenBytes, *, tokenizer, judge):
+    """The LLM-judge variant: rollout program -> host judge -> update program (two compilations).
+
+    step(params, opt_state, batch, rng, questions, ground_truths) -> like `make_train_step`, plus judge
+    stats in the metrics. The judge (`rl.judge.JudgeClient`) decides accuracy from each response's
+    `<answer>` text as DeepEyes does (math rows: its math prompt on the whole response); format errors
+    and the zoom count still come from the on-device reward. A failed judgement scores 0 and is counted.
+    """
+    graphdef, params = nnx.split(model)
+    score = jax.jit(functools.partial(_rollout_and_score, graphdef, config, templates))
+    update = jax.jit(functools.partial(_update, graphdef, config, tx), donate_argnums=(0, 1))
+    ref_params = jax.tree.map(jnp.copy, params) if config.grpo.kl_coef > 0 else None
+    r = config.reward
+
+    def step(params, opt_state, batch: TrainBatch, rng, questions, ground_truths):
+        traj, device_score = score(params, batch, rng, table)
+        ids, valid, kind, zooms, fmt = jax.device_get((traj.tokens, traj.attention_mask, batch.source_kind,
+                                                      traj.num_zooms, device_score["format_error"]))
+        p = batch.rollout.prompt_ids.shape[1]
+        texts = [tokenizer.decode(row[p:][v[p:]].tolist(), skip_special_tokens=False) for row, v in zip(ids, valid)]
+        answers = [t.split("<answer>")[-1].split("</answer>")[0].strip() for t in texts]
+        tool_rows = [i for i, k in enumerate(kind) if k == rewards.SOURCE_TOOL]
+        math_rows = [i for i, k in enumerate(kind) if k == rewards.SOURCE_MATH]
+        acc = np.zeros(len(texts), np.float32)
+        tool_scores, stats = judge.judge_batch([(questions[i], ground_truths[i], answers[i]) for i in tool_rows])
+        math_scores, math_stats = judge.judge_math_batch([(questions[i], ground_truths[i], texts[i])
+                                                          for i in math_rows])
+        acc[tool_rows], acc[math_rows] = tool_scores, math_scores
+        too_long = np.array([len(a) >= r.max_answer_chars for a in answers]) & (kind == rewards.SOURCE_TOOL)
+        acc[too_long] = 0.0
+        reward = np.where(kind == rewards.SOURCE_TOOL,
+                          r.acc_weight * acc - r.format_weight * fmt + r.tool_weight * ((zooms > 0) & (acc > 0.5)),
+                          r.math_acc_weight * acc - r.math_format_weight * fmt).astype(np.float32)
+        judged = dict(device_score, acc=jax.device_put(acc), reward=jax.device_put(reward))
+        params, opt_state, metrics, traj, rows = update(params, opt_state, traj, judged, ref_params)
+        metrics = dict(metrics, judge_failed=float(stats.get("failed", 0) + math_stats.get("failed", 0)),
+                       judge_retried=float(stats.get("retried", 0) + math_stats.get("retried", 0)))
+        return params, opt_state, metrics, traj, rows
+
+    step.score, step.update = score, update
     return step, params, tx.init(params)
