@@ -18,6 +18,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from benchmarks.timing import median_seconds  # noqa: E402
+
 from deepeyes_jax.data import image_processing  # noqa: E402
 from deepeyes_jax.models import qwen2_5_vl  # noqa: E402
 from deepeyes_jax.models.qwen2_5_vl.model import jit_forward  # noqa: E402
@@ -28,15 +30,6 @@ flags.DEFINE_integer("image", 448, "Side of the square input image in pixels.")
 flags.DEFINE_integer("text", 64, "Text tokens per sequence.")
 flags.DEFINE_integer("repeats", 5, "Timed runs per side (median reported).")
 FLAGS = flags.FLAGS
-
-
-def _median_ms(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(times))
 
 
 def _inputs(cfg, batch, image, text, seed=0):
@@ -65,14 +58,14 @@ def bench(preset, tmp):
     t = time.perf_counter()
     got = np.asarray(forward(ids, mask, pv, grid))
     compile_s = time.perf_counter() - t
-    ours_ms = _median_ms(lambda: forward(ids, mask, pv, grid).block_until_ready(), FLAGS.repeats)
+    ours_ms = 1e3 * median_seconds(lambda _: forward(ids, mask, pv, grid), FLAGS.repeats)[0]
 
     kw = dict(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
               pixel_values=torch.from_numpy(pv), image_grid_thw=torch.from_numpy(grid),
               mm_token_type_ids=torch.from_numpy((ids == cfg.image_token_id).astype(np.int64)))
     with torch.no_grad():
         ref = hf(**kw).logits.numpy()
-        torch_ms = _median_ms(lambda: hf(**kw), FLAGS.repeats)
+        torch_ms = 1e3 * median_seconds(lambda _: hf(**kw), FLAGS.repeats)[0]
     n_params = sum(p.numel() for p in hf.parameters())
     err = float(np.abs(ref - got).max() / np.abs(ref).max())
     return preset, n_params, ids.shape, pv.shape[0], compile_s, ours_ms, torch_ms, err

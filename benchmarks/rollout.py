@@ -29,6 +29,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from benchmarks.timing import median_seconds  # noqa: E402
+
 flags.DEFINE_integer("batch", 8, "Rows per batch.")
 flags.DEFINE_integer("new_tokens", 128, "Tokens generated per row in the decode benchmark.")
 flags.DEFINE_string("child", "", "Internal: run one side and print its measurement.")
@@ -82,13 +84,8 @@ def _ours(model_path, tok, batch, rollout_config, templates, repeats=3):
     rollout, params = make_rollout(from_pretrained(model_path), rollout_config, templates, tools.token_bytes(tok))
     batch = jax.device_put(batch)
     rollout(params, batch, jax.random.key(0)).tokens.block_until_ready()  # compile
-    times = []
-    for i in range(repeats):
-        t = time.perf_counter()
-        traj = rollout(params, batch, jax.random.key(i))
-        traj.tokens.block_until_ready()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times)), int(traj.response_length.sum()), int(traj.num_zooms.sum())
+    seconds, traj = median_seconds(lambda i: rollout(params, batch, jax.random.key(i)), repeats)
+    return seconds, int(traj.response_length.sum()), int(traj.num_zooms.sum())
 
 
 def _hf_model(path):
@@ -119,13 +116,13 @@ def _hf_decode(path, batch, image_token_id, sample, repeats=3):
     kw = dict(max_new_tokens=FLAGS.new_tokens, min_new_tokens=FLAGS.new_tokens, do_sample=sample,
               temperature=1.0 if sample else None, top_p=None, top_k=None)
     _hf_generate(model, ids, np.ones_like(ids), pixels, grids, image_token_id, **kw)  # warm up
-    times = []
-    for i in range(repeats):
+
+    def generate(i):
         torch.manual_seed(i)
-        t = time.perf_counter()
-        out = _hf_generate(model, ids, np.ones_like(ids), pixels, grids, image_token_id, **kw)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times)), int(out.size), 0
+        return _hf_generate(model, ids, np.ones_like(ids), pixels, grids, image_token_id, **kw)
+
+    seconds, out = median_seconds(generate, repeats)
+    return seconds, int(out.size), 0
 
 
 def _zoom_setup(workdir):

@@ -10,7 +10,6 @@ tests/scripted.py (a tiny model, so the fraction of peak is low: the point is th
 
 import os
 import sys
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
@@ -21,6 +20,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import scripted  # noqa: E402
+from benchmarks.timing import median_seconds  # noqa: E402
 from deepeyes_jax.rl.grpo import GRPOConfig  # noqa: E402
 from deepeyes_jax.rl.rewards import SOURCE_TOOL  # noqa: E402
 from deepeyes_jax.rl.train_step import TrainBatch, TrainConfig, make_optimizer, make_train_step  # noqa: E402
@@ -29,15 +29,6 @@ from deepeyes_jax.rollout.sampler import make_rollout  # noqa: E402
 flags.DEFINE_integer("group", 4, "Samples per prompt (3 prompts).")
 flags.DEFINE_integer("repeats", 3, "Timed runs (median).")
 FLAGS = flags.FLAGS
-
-
-def _median(fn, repeats):
-    times = []
-    for i in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(i))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
 
 
 def _flops(compiled):
@@ -50,7 +41,7 @@ def _matmul_peak():
     a = jnp.ones((2048, 2048), jnp.float32)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
-    best = min(_median(lambda _: f(a), 1) for _ in range(5))
+    best = min(median_seconds(lambda _: f(a), 1)[0] for _ in range(5))
     return 2 * 2048**3 / best
 
 
@@ -71,7 +62,7 @@ def main(argv):
     rollout, params = make_rollout(model, rollout_cfg, setup.templates, setup.table)
     key = jax.random.key(0)
     rollout_compiled = rollout.jitted.lower(params, batch.rollout, key, setup.table).compile()
-    rollout_s = _median(lambda i: rollout(params, batch.rollout, jax.random.key(i)).tokens, FLAGS.repeats)
+    rollout_s = median_seconds(lambda i: rollout(params, batch.rollout, jax.random.key(i)).tokens, FLAGS.repeats)[0]
 
     step, params, opt_state = make_train_step(model, make_optimizer(1e-6), config, setup.templates, setup.table)
     step_compiled = step.jitted.lower(params, opt_state, batch, key, setup.table, None).compile()
@@ -84,7 +75,7 @@ def main(argv):
         return metrics["loss"]
 
     run(0)
-    step_s = _median(run, FLAGS.repeats)
+    step_s = median_seconds(run, FLAGS.repeats)[0]
     update_s = max(step_s - rollout_s, 1e-9)
     update_flops = _flops(step_compiled) - _flops(rollout_compiled)
     peak = _matmul_peak()
