@@ -1,117 +1,102 @@
-"""GRPO training of Qwen2.5-VL with the zoom-in tool inside the compiled step.
+"""V*-mini: supervised base model, then GRPO with the zoom-in tool inside the compiled step.
 
-  python -m launch.train --config=configs/grpo_toy.py --workdir=runs/toy [--config.steps=...]
+  python -m launch.train [--config=configs/vstar_mini.py[:smoke]] [--workdir=runs/vstar_mini] [--config.x=...]
 
-Resumes from the latest good checkpoint in --workdir (model, optimizer, RNG, data position);
-SIGTERM (TPU preemption) saves and exits; metrics go to the console, TensorBoard and metrics.jsonl.
+1. Build (first use) or open the V*-mini TFDS dataset.
+2. Load the base model from WORKDIR/base_model, or train it with the supervised stage and save it there.
+3. Evaluate on the held-out split (greedy, tool available) and probe perception with/without the GT crop.
+4. GRPO: rollout + reward + advantages + update as one program per step; held-out eval every eval.every.
+5. Print the before/after table; write dynamics.png, examples/*.png, eval_*.json, export/ (HF checkpoint).
+Resumes from the latest good checkpoint in --workdir; SIGTERM saves and exits.
 """
 
-import functools
+import json
 import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from deepeyes_jax.data import toy_scenes
-from deepeyes_jax.data.prompt_stream import PromptStream
-from deepeyes_jax.data.tokenizer import build_tokenizer
-from deepeyes_jax.models.qwen2_5_vl import ModelConfig, Qwen2_5_VL, TextConfig, VisionConfig, save_pretrained
-from deepeyes_jax.models.qwen2_5_vl.presets import for_tokenizer
-from deepeyes_jax.rl.grpo import GRPOConfig
-from deepeyes_jax.rl.rewards import RewardConfig
-from deepeyes_jax.rl.train_step import TrainConfig, make_optimizer, make_train_step
+from deepeyes_jax.eval import vstar_mini as ev
+from deepeyes_jax.models.qwen2_5_vl import save_pretrained
+from deepeyes_jax.rl.train_step import make_optimizer, make_train_step
 from deepeyes_jax.rollout import tools
-from deepeyes_jax.rollout.config import RolloutConfig, make_templates
-from deepeyes_jax.rollout.zoom import CropSpec
+from deepeyes_jax.rollout.config import make_templates
+from deepeyes_jax.sft import base_model
+from deepeyes_jax.sft.step import make_scorer
 from deepeyes_jax.sharding import make_mesh
 from deepeyes_jax.train import checkpoints
+from deepeyes_jax.train import vstar_mini_run as run
 from deepeyes_jax.train.metrics import MetricsWriter
+from deepeyes_jax.eval.dynamics import plot as plot_dynamics
 
-config_flags.DEFINE_config_file("config", "configs/grpo_toy.py", "Training configuration.", lock_config=True)
-flags.DEFINE_string("workdir", "runs/grpo_toy", "Checkpoints, metrics and the exported model go here.")
+config_flags.DEFINE_config_file("config", "configs/vstar_mini.py", "Training configuration.", lock_config=True)
+flags.DEFINE_string("workdir", "runs/vstar_mini", "Checkpoints, metrics, the base model and the export go here.")
 FLAGS = flags.FLAGS
-
-
-def grounding_iou(turn_bbox, turn_status, boxes):
-    """Mean IoU of successful zoom boxes against the ground-truth box; NaN without any zoom."""
-    zoom = turn_status == tools.STATUS_ZOOM
-    gt = boxes[:, None, :]
-    lo, hi = np.maximum(turn_bbox[..., :2], gt[..., :2]), np.minimum(turn_bbox[..., 2:], gt[..., 2:])
-    inter = np.prod(np.clip(hi - lo, 0, None), axis=-1)
-    area = lambda b: np.prod(b[..., 2:] - b[..., :2], axis=-1)  # noqa: E731
-    iou = inter / np.maximum(area(turn_bbox) + area(gt) - inter, 1e-9)
-    ok = zoom & np.isfinite(iou)
-    return float(iou[ok].mean()) if ok.any() else float("nan")
 
 
 def main(argv):
     del argv
-    cfg = FLAGS.config
+    cfg, workdir, t_start = FLAGS.config, FLAGS.workdir, time.perf_counter()
     if cfg.distributed:
         jax.distributed.initialize()
     jax.config.update("jax_transfer_guard", "disallow")
     jax.config.update("jax_compilation_cache_dir",
                       os.environ.get("DEEPEYES_JAX_CACHE", os.path.expanduser("~/.cache/deepeyes_jax/xla")))
-    workdir = FLAGS.workdir
     os.makedirs(workdir, exist_ok=True)
-
-    # ------------------------------------------------------------------ Set up mesh
     mesh = make_mesh(cfg.mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    put = lambda tree: jax.device_put(tree, replicated)  # noqa: E731
 
-    # ------------------------------------------------------------------ Tokenizer and model
-    tokenizer = build_tokenizer(vocab_size=cfg.tokenizer_vocab)
-    m = cfg.model
-    model_cfg = for_tokenizer(ModelConfig(
-        text=TextConfig(hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-                        num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
-                        num_key_value_heads=m.num_key_value_heads, mrope_section=tuple(m.mrope_section)),
-        vision=VisionConfig(depth=m.vision_depth, hidden_size=m.vision_hidden_size,
-                            intermediate_size=2 * m.vision_hidden_size, num_heads=m.vision_heads,
-                            out_hidden_size=m.hidden_size, fullatt_block_indexes=(m.vision_depth - 1,)),
-        dtype=jnp.dtype(cfg.compute_dtype), remat=cfg.remat, axis_rules=tuple(cfg.axis_rules)), tokenizer)
+    # ------------------------------------------------------------------ 1. Data
+    splits = run.load_data(cfg)
+
+    # ------------------------------------------------------------------ 2. Base model
+    tokenizer, model, sft_report = base_model.load_or_train(
+        cfg.base_model_dir or os.path.join(workdir, "base_model"), model_config=run.model_config(cfg),
+        vocab_size=cfg.tokenizer_vocab, source=splits["train"], budgets=run.budgets(cfg),
+        shapes=run.sft_shapes(cfg), sft=cfg.sft, mesh=mesh, put=put, seed=cfg.seed)
+    graphdef = nnx.graphdef(model)
+    templates = make_templates(tokenizer)
     with jax.transfer_guard("allow"):
-        model = Qwen2_5_VL(model_cfg, rngs=nnx.Rngs(cfg.seed), mesh=mesh)
+        table = put(tools.token_bytes(tokenizer))
+        eval_rng = put(jax.random.key(cfg.seed + 1))
+    evaluate = run.make_evaluator(model, cfg, templates, table)
+    held_out = run.eval_batches(cfg, tokenizer, splits["test"], cfg.eval.examples, put)
+    final_held_out = run.eval_batches(cfg, tokenizer, splits["test"], cfg.eval.final_examples, put)
 
-    # ------------------------------------------------------------------ Optimizer and the fused step
+    # ------------------------------------------------------------------ 3. Base model on the held-out split
+    before_path = os.path.join(workdir, "eval_before.json")
+    if not os.path.exists(before_path):
+        with jax.transfer_guard("allow"):
+            params0 = nnx.state(model)
+        before, _, _ = ev.evaluate(evaluate, params0, final_held_out, eval_rng)
+        hard = [ex for ex in (splits["test"][i] for i in range(len(splits["test"]))) if ex["hard"]]
+        probe = ev.perception_probe(make_scorer(model), params0, hard[:cfg.eval.probe_examples], tokenizer,
+                                    run.budgets(cfg), run.sft_shapes(cfg)._replace(seq_len=cfg.rollout.max_total_len),
+                                    batch=cfg.eval.batch, put=put)
+        before.update({f"probe/{k}": v for k, v in probe.items()})
+        run.save_json(before_path, dict(before, sft=sft_report))
+        logging.info("base model: %s", before)
+
+    # ------------------------------------------------------------------ 4. GRPO
     o = cfg.optim
-    schedule = optax.linear_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1))
-    tx = make_optimizer(schedule, weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm)
-    d, r = cfg.data, cfg.rollout
-    crop = CropSpec(image_height=d.image_height, image_width=d.image_width, min_pixels=r.crop_min_pixels,
-                    max_pixels=r.crop_max_pixels)
-    reward_cfg = RewardConfig(acc_weight=cfg.reward.acc_weight, format_weight=cfg.reward.format_weight,
-                              tool_weight=cfg.reward.tool_weight)
-    train_cfg = TrainConfig(
-        rollout=RolloutConfig(max_total_len=r.max_total_len, crop=crop, max_turns=r.max_turns,
-                              max_turn_tokens=r.max_turn_tokens, temperature=r.temperature),
-        grpo=GRPOConfig(group_size=cfg.grpo.group_size, clip_ratio_low=cfg.grpo.clip_ratio_low,
-                        clip_ratio_high=cfg.grpo.clip_ratio_high, kl_coef=cfg.grpo.kl_coef,
-                        entropy_coef=cfg.grpo.entropy_coef, loss_agg_mode=cfg.grpo.loss_agg_mode,
-                        temperature=r.temperature),
-        reward=reward_cfg, logprob_chunk=cfg.logprob_chunk, mini_batches=cfg.mini_batches,
-        micro_batches=cfg.micro_batches)
-    graphdef = nnx.split(model)[0]
+    tx = make_optimizer(optax.linear_schedule(0.0, o.learning_rate, max(o.warmup_steps, 1)),
+                        weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm)
     with jax.transfer_guard("allow"):
-        step_fn, params, opt_state = make_train_step(model, tx, train_cfg, make_templates(tokenizer),
-                                                     jax.device_put(tools.token_bytes(tokenizer), replicated))
+        step_fn, params, opt_state = make_train_step(model, tx, run.train_config(cfg), templates, table)
     del model  # its arrays now belong to the (donated) train state
-
-    # ------------------------------------------------------------------ Restore
     ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=cfg.checkpoint.save_every,
                                     keep=cfg.checkpoint.keep)
-    abstract = checkpoints.abstract_params(params, mesh, model_cfg.axis_rules)
+    abstract = checkpoints.abstract_params(params, mesh, run.model_config(cfg).axis_rules)
     with jax.transfer_guard("allow"):
         restored = ckpt.restore(abstract_params=abstract,
                                 abstract_opt_state=checkpoints.abstract_opt_state(tx, abstract))
-    with jax.transfer_guard("allow"):
-        rng = jax.device_put(jax.random.key(cfg.seed), replicated)
+        rng = put(jax.random.key(cfg.seed))
     start, data_state = 0, None
     if restored is not None:
         start, params, opt_state, rng, data_state = restored
@@ -120,40 +105,51 @@ def main(argv):
         shardings = lambda tree: jax.tree.map(lambda a: a.sharding, tree)  # noqa: E731
         params = jax.device_put(params, shardings(abstract))
         opt_state = jax.device_put(opt_state, shardings(checkpoints.abstract_opt_state(tx, abstract)))
-
-    # ------------------------------------------------------------------ Input pipeline
-    stream = PromptStream(
-        functools.partial(toy_scenes.scene, seed=cfg.seed, height=d.image_height, width=d.image_width),
-        tokenizer=tokenizer, prompts=d.prompts, group_size=cfg.grpo.group_size, prompt_len=d.prompt_len,
-        num_patches=d.num_patches, image_hw=(d.image_height, d.image_width), max_pixels=d.max_pixels,
-        reward=reward_cfg, state=data_state)
-
-    # ------------------------------------------------------------------ Train loop
+    stream = run.prompt_stream(cfg, tokenizer, splits["train"], prompts=cfg.prompts, group_size=cfg.grpo.group_size,
+                               state=data_state)
     writer = MetricsWriter(workdir, total_steps=cfg.steps, resume_step=start, active=jax.process_index() == 0)
     checkpoints.install_sigterm_handler()
     for step in range(start, cfg.steps):
-        host_batch, boxes = stream.next_batch()
-        batch = jax.device_put(host_batch, replicated)
+        if step % cfg.eval.every == 0:
+            summary, _, _ = ev.evaluate(evaluate, params, held_out, eval_rng)
+        host_batch, rows = stream.next_batch()
         t0 = time.perf_counter()
-        key = jax.random.fold_in(rng, jax.device_put(np.uint32(step), replicated))
-        params, opt_state, metrics, traj, _ = step_fn(params, opt_state, batch, key)
-        metrics, turn_bbox, turn_status = jax.device_get((metrics, traj.turn_bbox, traj.turn_status))
+        key = jax.random.fold_in(rng, put(np.uint32(step)))
+        params, opt_state, metrics, traj, _ = step_fn(params, opt_state, put(host_batch), key)
+        metrics, traj = jax.device_get((metrics, traj))
         seconds = time.perf_counter() - t0
         metrics = {k: float(v) for k, v in metrics.items()}
+        iou = ev.box_iou(traj.turn_bbox, np.array([r["box"] for r in rows], np.float32)[:, None])
+        zoomed = traj.turn_status == tools.STATUS_ZOOM
         metrics.update(step_time=seconds, rollout_tokens_per_s=metrics["sampled_tokens"] / seconds,
-                       grounding_iou=grounding_iou(turn_bbox, turn_status, boxes),
+                       grounding_iou=float(iou[zoomed].mean()) if zoomed.any() else float("nan"),
                        skipped_records=float(stream.skipped))
+        if step % cfg.eval.every == 0:
+            metrics.update({f"eval/{k}": v for k, v in summary.items()})
         writer.write(step, metrics)
-        # Checkpoint n holds the state after n steps; the last one and a preempted one are always saved.
         last = step + 1 == cfg.steps or checkpoints.preemption_requested(step)
         ckpt.save(step + 1, params, opt_state, rng, stream.state(), force=last)
         if step + 1 < cfg.steps and checkpoints.preemption_requested(step):
             logging.warning("preemption requested: saved step %d, exiting", step + 1)
             break
     else:
+        # -------------------------------------------------------------- 5. Final evaluation and report
+        after, records, outputs = ev.evaluate(evaluate, params, final_held_out, eval_rng)
+        run.save_json(os.path.join(workdir, "eval_after.json"), after)
+        writer.write(cfg.steps, {f"eval/{k}": v for k, v in after.items()})
+        run.render_examples(outputs, records, splits["test"], tokenizer, os.path.join(workdir, "examples"),
+                            cfg.eval.render)
+        plot_dynamics(workdir)
+        with open(os.path.join(workdir, "eval_before.json")) as f:
+            before = json.load(f)
+        report = run.table(before, after)
+        with open(os.path.join(workdir, "report.md"), "w") as f:
+            f.write(report + f"\n\nwall time {time.perf_counter() - t_start:.0f} s\n")
+        print(report, flush=True)
         if cfg.export_hf:
             with jax.transfer_guard("allow"):
                 save_pretrained(nnx.merge(graphdef, params), os.path.join(workdir, "export"))
+            tokenizer.save_pretrained(os.path.join(workdir, "export"))
     ckpt.wait()
     ckpt.close()
     writer.close()

@@ -133,7 +133,7 @@ def test_tensorboard_reads_back(tmp_path, tb_backend):
     expected = {}
     with MetricsWriter(workdir, total_steps=6, stream=io.StringIO()) as w:
         for s in range(6):
-            m = {"reward": float(rng.normal()), "eval/accuracy": jnp.float32(s / 10),
+            m = {"reward": float(rng.normal()), "eval/hard/accuracy": jnp.float32(s / 10),
                  "tool_call_rate": np.float64(rng.uniform())}
             w.write(s, m)
             for k, v in m.items():
@@ -203,7 +203,7 @@ def _write_synthetic(workdir, n=120, with_eval=True, drop=()):
                  "zooms_per_trajectory": 1.5 - math.exp(-s / 30), "grounding_iou": 0.2 + s / (3 * n),
                  "response_length": 300 - s + 5 * rng.normal(), "reward": 0.1}
             if with_eval and s % 20 == 0:
-                r["eval/accuracy"] = 0.5 + 0.2 * s / n
+                r["eval/hard/accuracy"] = 0.5 + 0.2 * s / n
             if s == 7:
                 r["accuracy"] = None  # a non-finite value written as null
             for k in drop:

@@ -11,24 +11,26 @@ from collections.abc import Callable
 import numpy as np
 from absl import logging
 
+from deepeyes_jax.data.tokenizer import SYSTEM_PROMPT
 from deepeyes_jax.rl.rewards import RewardConfig
 from deepeyes_jax.rl.train_step import TrainBatch
 from deepeyes_jax.rollout.inputs import make_batch
 
 
 class PromptStream:
-    """next_batch() -> (TrainBatch of prompts * group_size rows, boxes float32[rows, 4]); state() -> dict.
+    """next_batch() -> (TrainBatch of prompts * group_size rows, the source's record of each row); state() -> dict.
 
-    source(index) -> dict(image, question, answer, data_source[, box]).
+    source(index) -> dict(image, question, answer, data_source, ...).
     """
 
     def __init__(self, source: Callable[[int], dict], *, tokenizer, prompts: int, group_size: int,
                  prompt_len: int, num_patches: int, image_hw: tuple[int, int], max_pixels: int,
-                 answer_bytes: int = 64, reward: RewardConfig = RewardConfig(), state: dict | None = None):
+                 answer_bytes: int = 64, reward: RewardConfig = RewardConfig(), state: dict | None = None,
+                 system_prompt: str = SYSTEM_PROMPT):
         self.source, self.tokenizer, self.reward = source, tokenizer, reward
         self.prompts, self.group_size, self.answer_bytes = prompts, group_size, answer_bytes
         self.shapes = dict(prompt_len=prompt_len, num_patches=num_patches, image_hw=tuple(image_hw),
-                           max_pixels=max_pixels)
+                           max_pixels=max_pixels, system_prompt=system_prompt)
         state = state or {}
         self.index, self.skipped = int(state.get("index", 0)), int(state.get("skipped", 0))
 
@@ -42,7 +44,7 @@ class PromptStream:
         if len(answer) > self.answer_bytes:
             raise ValueError(f"answer of {len(answer)} bytes exceeds {self.answer_bytes}")
         make_batch(self.tokenizer, [ex["question"]], [ex["image"]], **self.shapes)  # the static shapes fit
-        return dict(ex, kind=kind, answer_utf8=answer)
+        return dict(ex, source_kind=kind, answer_utf8=answer)
 
     def next_batch(self):
         examples = []
@@ -60,6 +62,5 @@ class PromptStream:
         for i, ex in enumerate(rows):
             answer[i, :len(ex["answer_utf8"])] = np.frombuffer(ex["answer_utf8"], np.uint8)
         batch = TrainBatch(rollout, answer, np.array([len(ex["answer_utf8"]) for ex in rows], np.int32),
-                           np.array([ex["kind"] for ex in rows], np.int32))
-        boxes = np.array([ex.get("box", [np.nan] * 4) for ex in rows], np.float32)
-        return batch, boxes
+                           np.array([ex["source_kind"] for ex in rows], np.int32))
+        return batch, rows

@@ -30,6 +30,13 @@ SYSTEM_PROMPT = (
     '"image_zoom_in_tool", "arguments": {"bbox_2d": [10, 20, 100, 200], "label": "the apple on the desk"}}  \n'
     '</tool_call>'
 )
+# A short system prompt with the same tool and call format, for CPU-sized runs (V*-mini): the
+# verbatim one is ~290 tokens of every sequence with the project tokenizer.
+COMPACT_SYSTEM_PROMPT = (
+    'You are a helpful assistant.\n\n# Tools\nimage_zoom_in_tool zooms in on a region of the image, given its '
+    'bounding box [x1, y1, x2, y2] in pixels. Call it as:\n<tool_call>\n{"name": "image_zoom_in_tool", '
+    '"arguments": {"bbox_2d": [x1, y1, x2, y2]}}\n</tool_call>'
+)
 # Spec 1.3: `PROMPT.USER_PROMPT_V2`, verbatim (leading newline, two spaces after each colon or
 # closing tag, trailing space).
 USER_PROMPT = (

@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 
 from deepeyes_jax.rl import grpo, rewards
-from deepeyes_jax.rl.trajectory_forward import trajectory_hidden
+from deepeyes_jax.rl.trajectory_forward import trajectory_logprobs
 from deepeyes_jax.rollout import config as rc
 from deepeyes_jax.rollout import tools
 from deepeyes_jax.rollout.inputs import RolloutBatch
@@ -71,7 +71,7 @@ def _mean(x, where):
     return jnp.sum(x * where) / jnp.maximum(jnp.sum(where), 1.0)
 
 
-def _rollout_and_score(graphdef, cfg: TrainConfig, templates, params, batch: TrainBatch, rng, table):
+def rollout_and_score(graphdef, cfg: TrainConfig, templates, params, batch: TrainBatch, rng, table):
     traj = rollout_program(graphdef, cfg.rollout, templates, params, batch.rollout, rng, table)
     p = batch.rollout.prompt_ids.shape[1]
     score = jax.vmap(functools.partial(rewards.reward_from_tokens, table=table, config=cfg.reward))(
@@ -82,7 +82,7 @@ def _rollout_and_score(graphdef, cfg: TrainConfig, templates, params, batch: Tra
 
 def _step(graphdef, cfg: TrainConfig, templates, tx, params, opt_state, batch: TrainBatch, rng, table,
           ref_params):
-    traj, score = _rollout_and_score(graphdef, cfg, templates, params, batch, rng, table)
+    traj, score = rollout_and_score(graphdef, cfg, templates, params, batch, rng, table)
     return _update(graphdef, cfg, tx, params, opt_state, traj, score, ref_params)
 
 
@@ -91,10 +91,8 @@ def _update(graphdef, cfg: TrainConfig, tx, params, opt_state, traj, score, ref_
                                 norm_by_std=cfg.grpo.norm_adv_by_std)
 
     def token_logprobs(params, traj):
-        model = nnx.merge(graphdef, params)
-        return grpo.token_logprobs_and_entropy(
-            trajectory_hidden(model, traj)[:, :-1], grpo.lm_head_matrix(model), traj.tokens[:, 1:],
-            chunk=cfg.logprob_chunk, temperature=cfg.grpo.temperature)
+        return trajectory_logprobs(nnx.merge(graphdef, params), traj, chunk=cfg.logprob_chunk,
+                                   temperature=cfg.grpo.temperature)
 
     def loss_fn(params, traj, adv):
         logp, entropy = token_logprobs(params, traj)
@@ -180,7 +178,7 @@ def make_judged_train_step(model, tx: optax.GradientTransformation, config: Trai
     and the zoom count still come from the on-device reward. A failed judgement scores 0 and is counted.
     """
     graphdef, params = nnx.split(model)
-    score = jax.jit(functools.partial(_rollout_and_score, graphdef, config, templates))
+    score = jax.jit(functools.partial(rollout_and_score, graphdef, config, templates))
     update = jax.jit(functools.partial(_update, graphdef, config, tx), donate_argnums=(0, 1))
     ref_params = jax.tree.map(jnp.copy, params) if config.grpo.kl_coef > 0 else None
     r = config.reward

@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from deepeyes_jax.rl import grpo
 from deepeyes_jax.rollout.sampler import Trajectories
 
 
@@ -45,3 +46,9 @@ def trajectory_embeddings(model, traj: Trajectories) -> jax.Array:
 def trajectory_hidden(model, traj: Trajectories) -> jax.Array:
     """Final hidden states float[B, S, D]; position t predicts token t + 1."""
     return model.hidden_states(trajectory_embeddings(model, traj), traj.attention_mask, traj.position_ids)
+
+
+def trajectory_logprobs(model, traj: Trajectories, *, chunk: int, temperature: float = 1.0):
+    """(logp, entropy) float32[B, S - 1] of tokens 1..S-1 under the model (chunked, no [B, S, V] logits)."""
+    return grpo.token_logprobs_and_entropy(trajectory_hidden(model, traj)[:, :-1], grpo.lm_head_matrix(model),
+                                           traj.tokens[:, 1:], chunk=chunk, temperature=temperature)

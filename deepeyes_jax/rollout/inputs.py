@@ -19,16 +19,21 @@ class RolloutBatch(NamedTuple):
     image_hw: np.ndarray  # int32[B, 2]: its true (height, width)
 
 
-def prompt_text(question: str, num_image_tokens: int) -> str:
+def prompt_parts(question: str, system_prompt: str = SYSTEM_PROMPT) -> tuple[str, str]:
+    """The text before and after the image block of the first prompt (spec 1.4)."""
+    return (f"<|im_start|>system\n{system_prompt}<|im_end|>\n<|im_start|>user\n",
+            f"\n{question}{USER_PROMPT}<|im_end|>\n<|im_start|>assistant\n")
+
+
+def prompt_text(question: str, num_image_tokens: int, system_prompt: str = SYSTEM_PROMPT) -> str:
     """The training prompt of spec 1.4: system prompt, then the image, question and instruction."""
-    return (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n<|vision_start|>"
-            f"{'<|image_pad|>' * num_image_tokens}<|vision_end|>\n{question}{USER_PROMPT}<|im_end|>\n"
-            f"<|im_start|>assistant\n")
+    before, after = prompt_parts(question, system_prompt)
+    return f"{before}<|vision_start|>{'<|image_pad|>' * num_image_tokens}<|vision_end|>{after}"
 
 
 def make_batch(tokenizer, questions, images, *, prompt_len: int, num_patches: int, image_hw: tuple[int, int],
                min_pixels: int = image_processing.DEFAULT_MIN_PIXELS,
-               max_pixels: int = image_processing.DEFAULT_MAX_PIXELS) -> RolloutBatch:
+               max_pixels: int = image_processing.DEFAULT_MAX_PIXELS, system_prompt: str = SYSTEM_PROMPT) -> RolloutBatch:
     """questions: list of str; images: list of uint8[H, W, 3]. Raises ValueError naming the row
     whose prompt, patches or image do not fit the static shapes."""
     if len(questions) != len(images):
@@ -47,7 +52,7 @@ def make_batch(tokenizer, questions, images, *, prompt_len: int, num_patches: in
         pv, grid = image_processing.preprocess_image(image, min_pixels=min_pixels, max_pixels=max_pixels)
         if len(pv) > num_patches:
             raise ValueError(f"row {i}: image needs {len(pv)} patches, num_patches is {num_patches}")
-        row = tokenizer.encode(prompt_text(question, image_processing.num_image_tokens(grid)),
+        row = tokenizer.encode(prompt_text(question, image_processing.num_image_tokens(grid), system_prompt),
                                add_special_tokens=False)
         if len(row) > prompt_len:
             raise ValueError(f"row {i}: prompt has {len(row)} tokens, prompt_len is {prompt_len}")

@@ -1,0 +1,145 @@
+"""The supervised stage's conversations: the separate abilities a real base model brings, never the composition.
+
+From V*-mini training scenes, each example is one of (`TASKS`):
+  easy        scene + an easy question (large object) -> think, answer                    (no zoom needed)
+  closeup     a tool-like crop around small target(s) as the only image + a hard question -> answer
+  second      scene + easy question -> answer; then a user turn with a crop + hard question -> answer
+              (reading a SECOND image of the conversation)
+  grounding   scene + "Where is the small X?" -> answer {"bbox_2d": [...]} (the tight box)
+  tool_call   scene + "Zoom in on the small X." -> a tool call in the system prompt's format
+No example contains a tool call followed by an answer, and no hard question is ever asked about the
+scene itself: zooming to answer a hard question is what RL has to discover.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+
+from deepeyes_jax.data import vstar_mini
+from deepeyes_jax.data.tokenizer import COMPACT_SYSTEM_PROMPT, SYSTEM_PROMPT, USER_PROMPT
+from deepeyes_jax.rollout.inputs import prompt_parts
+from deepeyes_jax.sft.conversation import Image, Reply, Text
+
+TASKS = ("easy", "closeup", "second", "grounding", "tool_call")
+
+
+@dataclasses.dataclass(frozen=True)
+class Budgets:
+    """Pixel budgets: the scene as the model first sees it, and a zoomed crop (= the rollout's CropSpec)."""
+    scene_max_pixels: int
+    crop_min_pixels: int
+    crop_max_pixels: int
+    tool_pad: int = 16  # the tool-call box is the target box grown by this much (boxes need sides > 30 px)
+    system_prompt: str = SYSTEM_PROMPT
+
+
+def prompt(image, question: str, budgets: Budgets, *, pixels: tuple[int, int] | None = None) -> list:
+    """The rollout's first prompt (`rollout.inputs.prompt_text`) as segments; `pixels` = (min, max) budget
+    of the image (default: the scene's)."""
+    before, after = prompt_parts(question, budgets.system_prompt)
+    return [Text(before), Image(image, *(pixels or (1, budgets.scene_max_pixels))), Text(after)]
+
+
+def answer(think: str, text: str) -> str:
+    return f"<think>{think}</think>\n<answer>{text}</answer>"
+
+
+def tool_call(think: str, box) -> str:
+    call = {"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [int(round(v)) for v in box]}}
+    return f"<think>{think}</think>\n<tool_call>\n{json.dumps(call)}\n</tool_call>"
+
+
+def target_name(scene: dict, target_ids) -> str:
+    """'the small red tile' / 'the small red objects' / 'the small red object' / 'the large object'."""
+    objs = [scene["objects"][i] for i in target_ids]
+    if objs[0]["size"] == "large":
+        return "the large object"
+    noun = "objects" if len(objs) > 1 else ("tile" if objs[0]["class"] == "tile" else "object")
+    return f"the small {objs[0]['colour']} {noun}"
+
+
+def _union(boxes):
+    b = np.array(boxes, np.float64)
+    return [float(b[:, 0].min()), float(b[:, 1].min()), float(b[:, 2].max()), float(b[:, 3].max())]
+
+
+def _small_targets(scene: dict, rng):
+    """A random hard question's targets about this scene: (kind, target_ids)."""
+    objs = scene["objects"]
+    small = [i for i, o in enumerate(objs) if o["size"] == "small"]
+    by_colour = {}
+    for i in small:
+        by_colour.setdefault(objs[i]["colour"], []).append(i)
+    pairs = [ids for ids in by_colour.values() if len(ids) == 2]
+    singles = [ids[0] for ids in by_colour.values() if len(ids) == 1]
+    options = [("relative_position", p) for p in pairs]
+    options += [("letter" if rng.random() < 0.5 else "letter_colour", [i]) if objs[i]["class"] == "tile"
+                else ("shape", [i]) for i in singles]
+    return options[int(rng.integers(len(options)))]
+
+
+def _crop(scene, target_ids, rng, size):
+    """A crop around the targets as the zoom tool would return it (padded, randomly shifted box)."""
+    box = _union([scene["objects"][i]["box"] for i in target_ids])
+    pad = float(rng.uniform(8, 32))
+    shift = rng.uniform(-pad / 2, pad / 2, size=2)
+    box = vstar_mini.crop_box([box[0] + shift[0], box[1] + shift[1], box[2] + shift[0], box[3] + shift[1]],
+                              pad=pad, size=size)
+    x1, y1, x2, y2 = (int(round(v)) for v in box)
+    return scene["image"][y1:y2, x1:x2]
+
+
+def example(scene: dict, task: str, rng, budgets: Budgets) -> list:
+    """One conversation (segments for `sft.conversation.pack`) of the given task about a train scene."""
+    objs, size = scene["objects"], scene["image"].shape[0]
+    large = [i for i, o in enumerate(objs) if o["size"] == "large"]
+
+    def easy_turn():
+        kind = vstar_mini.EASY_KINDS[int(rng.integers(len(vstar_mini.EASY_KINDS)))]
+        q, opts, ans = vstar_mini.question_for(objs, large, kind, rng)
+        return prompt(scene["image"], vstar_mini.format_question(q, opts), budgets), \
+            Reply(answer("The large object is clearly visible.", ans))
+
+    if task == "easy":
+        segs, reply = easy_turn()
+        return segs + [reply]
+    kind, ids = _small_targets(scene, rng)
+    name = target_name(scene, ids)
+    crop = Image(_crop(scene, ids, rng, size), budgets.crop_min_pixels, budgets.crop_max_pixels)
+    q, opts, ans = vstar_mini.question_for(objs, ids, kind, rng)
+    hard_q = vstar_mini.format_question(q, opts)
+    seen = Reply(answer(f"{name.capitalize()} is clearly visible.", ans))
+    if task == "closeup":
+        return prompt(crop.image, hard_q, budgets, pixels=(crop.min_pixels, crop.max_pixels)) + [seen]
+    if task == "second":
+        segs, reply = easy_turn()
+        return segs + [reply, Text("\n<|im_start|>user\n"), crop,
+                       Text(f"\n{hard_q}{USER_PROMPT}<|im_end|>\n<|im_start|>assistant\n"), seen]
+    box = _union([objs[i]["box"] for i in ids])
+    if task == "grounding":
+        q = f"Where is {name}? Answer with its bounding box."
+        tight = json.dumps({"bbox_2d": [int(round(v)) for v in box]})
+        return prompt(scene["image"], q, budgets) + [Reply(answer(f"I can see {name}.", tight))]
+    if task == "tool_call":
+        zoom = vstar_mini.crop_box(box, pad=budgets.tool_pad, size=size)
+        return prompt(scene["image"], f"Zoom in on {name}.", budgets) + [
+            Reply(tool_call(f"I need a closer look at {name}.", zoom))]
+    raise ValueError(f"unknown SFT task {task!r}; choose from {TASKS}")
+
+
+def corpus(seed: int = 0) -> list[str]:
+    """Tokenizer training text for V*-mini: the prompts, questions, replies and tool calls it uses."""
+    rng = np.random.default_rng(seed)
+    lines = [SYSTEM_PROMPT, COMPACT_SYSTEM_PROMPT, USER_PROMPT] * 16
+    world = vstar_mini.WorldConfig()
+    for i in range(200):
+        scene = vstar_mini.make_scene(i, seed=seed, split="train", config=world)
+        lines.append(scene["question"])
+        for task in ("easy", "closeup", "grounding", "tool_call"):
+            for seg in example(scene, task, rng, Budgets(112 * 112, 112 * 112, 112 * 112)):
+                if isinstance(seg, (Text, Reply)):
+                    lines.append(seg.text)
+    return lines

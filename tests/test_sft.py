@@ -1,0 +1,149 @@
+"""Supervised stage: conversation packing matches the rollout's token layout and the model's own forward;
+the SFT step learns and compiles once; the V*-mini task mixture teaches abilities, never the composition."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from deepeyes_jax.data import vstar_mini
+from deepeyes_jax.data import vstar_mini_sft as tasks
+from deepeyes_jax.data.tokenizer import COMPACT_SYSTEM_PROMPT, build_tokenizer, default_corpus
+from deepeyes_jax.models.qwen2_5_vl import ModelConfig, Qwen2_5_VL, TextConfig, VisionConfig
+from deepeyes_jax.models.qwen2_5_vl.model import jit_forward
+from deepeyes_jax.models.qwen2_5_vl.presets import for_tokenizer
+from deepeyes_jax.rollout import tools
+from deepeyes_jax.rollout.config import make_templates
+from deepeyes_jax.rollout.inputs import make_batch
+from deepeyes_jax.sft.conversation import Ids, Image, Reply, Shapes, Text, pack
+from deepeyes_jax.sft.step import make_scorer, make_sft_step
+
+BUDGETS = tasks.Budgets(112 * 112, 112 * 112, 112 * 112, system_prompt=COMPACT_SYSTEM_PROMPT)
+SHAPES = Shapes(seq_len=352, prompt_patches=132, crop_patches=132, max_crops=1)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer(vocab_size=1024, corpus=default_corpus() + tasks.corpus())
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return [vstar_mini.make_scene(i, seed=3, split="train") for i in range(24)]
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    cfg = for_tokenizer(ModelConfig(
+        text=TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, mrope_section=(2, 3, 3)),
+        vision=VisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                            fullatt_block_indexes=(1,))), tokenizer)
+    return Qwen2_5_VL(cfg, rngs=nnx.Rngs(0))
+
+
+def test_prompt_segments_tokenize_like_the_rollout(tokenizer, scenes):
+    sc = scenes[0]
+    traj = pack(tokenizer, [tasks.prompt(sc["image"], sc["question"], BUDGETS)], SHAPES)
+    batch = make_batch(tokenizer, [sc["question"]], [sc["image"]], prompt_len=SHAPES.seq_len, num_patches=132,
+                       image_hw=(448, 448), max_pixels=BUDGETS.scene_max_pixels, system_prompt=COMPACT_SYSTEM_PROMPT)
+    n = int(traj.length[0])
+    np.testing.assert_array_equal(traj.tokens[0, :n], batch.prompt_ids[0, -n:])
+    assert batch.prompt_mask[0].sum() == n
+    np.testing.assert_array_equal(traj.prompt_pixel_values[0], batch.pixel_values[0])
+    np.testing.assert_array_equal(traj.prompt_grid_thw[0], batch.image_grid_thw[0])
+    assert not traj.loss_mask.any()
+
+
+def test_observation_segments_equal_the_rollout_templates(tokenizer, scenes):
+    tpl = make_templates(tokenizer)
+    crop = scenes[0]["image"][:60, :60]
+    obs = [Text("\n<|im_start|>user\n<tool_response>"), Image(crop, BUDGETS.crop_min_pixels, BUDGETS.crop_max_pixels),
+           Text(f"{tasks.USER_PROMPT}</tool_response><|im_end|>\n<|im_start|>assistant\n")]
+    head = [Ids((1,)), Image(scenes[0]["image"], 1, BUDGETS.scene_max_pixels)]
+    traj = pack(tokenizer, [head + obs], SHAPES)
+    n0 = 1 + 2 + 16  # the id, vision start/end and 16 merged tokens of the 112 x 112 scene
+    pads = int(np.prod(traj.crop_grid_thw[0, 0])) // 4
+    expect = list(tpl.zoom_prefix) + [tpl.image_pad] * pads + list(tpl.zoom_suffix)
+    assert traj.tokens[0, n0:traj.length[0]].tolist() == expect
+
+
+def test_pack_names_the_row_that_does_not_fit(tokenizer, scenes):
+    ok = tasks.prompt(scenes[0]["image"], "short", BUDGETS)
+    with pytest.raises(ValueError, match="row 1: .* tokens, seq_len is 40"):
+        pack(tokenizer, [[Image(scenes[0]["image"][:28, :28], 1, 784)], ok], SHAPES._replace(seq_len=40))
+    with pytest.raises(ValueError, match="row 0: more than 2 images"):
+        im = Image(scenes[0]["image"][:56, :56], 1, 56 * 56)
+        pack(tokenizer, [[im, im, im]], SHAPES)
+    with pytest.raises(ValueError, match="row 0: a conversation needs at least one image"):
+        pack(tokenizer, [[Text("hi"), Reply("there")]], SHAPES)
+
+
+def test_scores_equal_the_model_forward_over_two_images(tokenizer, scenes, model):
+    """Teacher-forced log-probs of a packed 2-image conversation == log_softmax of model(...) (fp32, 1e-4)."""
+    rng = np.random.default_rng(0)
+    convs = [tasks.example(sc, "second", rng, BUDGETS) for sc in scenes[:3]]
+    traj = pack(tokenizer, convs, SHAPES)
+    ours = np.asarray(make_scorer(model)(nnx.state(model), traj))
+    forward = jit_forward(model)
+    for i in range(len(convs)):
+        n, g0, g1 = int(traj.length[i]), traj.prompt_grid_thw[i], traj.crop_grid_thw[i, 0]
+        pv = np.concatenate([traj.prompt_pixel_values[i, :np.prod(g0)], traj.crop_pixel_values[i, 0, :np.prod(g1)]])
+        logits = forward(traj.tokens[i:i + 1, :n], pixel_values=pv, image_grid_thw=np.stack([g0, g1]))
+        logp = jax.nn.log_softmax(np.asarray(logits[0], np.float32), axis=-1)
+        picked = logp[np.arange(n - 1), traj.tokens[i, 1:n]]
+        want = picked[traj.loss_mask[i, 1:n]].sum()
+        np.testing.assert_allclose(ours[i], want, rtol=1e-4, atol=1e-4)
+        assert traj.loss_mask[i].sum() > 20  # both assistant turns are trained
+
+
+def test_sft_step_fits_a_batch_and_compiles_once(tokenizer, scenes, model):
+    rng = np.random.default_rng(1)
+    traj = pack(tokenizer, [tasks.example(sc, t, rng, BUDGETS) for sc, t in zip(scenes[:4], tasks.TASKS)], SHAPES)
+    graphdef, state = nnx.split(model)
+    fresh = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+    step, params, opt = make_sft_step(fresh, optax.adam(3e-3))
+    losses = []
+    for _ in range(20):
+        params, opt, m = step(params, opt, traj)
+        losses.append(float(m["loss"]))
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert step._cache_size() == 1
+
+
+def test_tasks_teach_abilities_not_the_composition(tokenizer, scenes):
+    rng = np.random.default_rng(2)
+    for sc in scenes:
+        for task in tasks.TASKS:
+            conv = tasks.example(sc, task, rng, BUDGETS)
+            replies = [s.text for s in conv if isinstance(s, Reply)]
+            calls = [r for r in replies if "<tool_call>" in r]
+            # a tool call is always the last reply: no example zooms and then answers
+            assert all("<tool_call>" not in r for r in replies[:-1]) and len(calls) <= 1
+            if task == "tool_call":
+                parsed = tools.parse_turn(calls[0], image_width=448, image_height=448, tokenizer=tokenizer)
+                assert parsed["status"] == "zoom", parsed
+                x1, y1, x2, y2 = parsed["bbox"]
+                assert x2 - x1 > 30 and y2 - y1 > 30  # DeepEyes rejects smaller boxes
+                assert any(x1 <= b[0] and b[2] <= x2 and y1 <= b[1] and b[3] <= y2 for b in _targets(sc))
+            if task == "grounding":
+                box = json.loads(replies[0].split("<answer>")[1].split("</answer>")[0])["bbox_2d"]
+                assert box in _targets(sc)
+            if task in ("closeup", "second"):
+                # the hard question is asked about a crop, never about the scene itself
+                images = [s for s in conv if isinstance(s, Image)]
+                assert images[-1].image.shape[0] < 448 and images[-1].min_pixels == BUDGETS.crop_min_pixels
+
+
+def _targets(scene):
+    """Boxes a small-object question can be about: each single-colour small object, or a same-colour pair's union."""
+    by_colour = {}
+    for o in scene["objects"]:
+        if o["size"] == "small":
+            by_colour.setdefault(o["colour"], []).append(o["box"])
+    return [[min(b[0] for b in bs), min(b[1] for b in bs), max(b[2] for b in bs), max(b[3] for b in bs)]
+            for bs in by_colour.values()]

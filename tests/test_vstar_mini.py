@@ -1,0 +1,162 @@
+"""V*-mini scene generator invariants and the TFDS round trip (tiny splits, built in tmp_path)."""
+
+import os
+
+import numpy as np
+import pytest
+
+from deepeyes_jax.data import vstar_mini as vm
+from deepeyes_jax.data import vstar_mini_tfds
+
+N = 400
+SCENES = [vm.make_scene(i, seed=0, split="train") for i in range(N)]
+CFG = vm.WorldConfig()
+CELL = CFG.size // CFG.grid
+
+
+def _intersects(a, b):
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _cell_of(box):
+    cx, cy = box[0] // CELL * CELL, box[1] // CELL * CELL
+    return [cx, cy, cx + CELL, cy + CELL]
+
+
+def test_deterministic_and_seeded():
+    a, b = vm.make_scene(7, seed=3, split="test"), vm.make_scene(7, seed=3, split="test")
+    assert a["image"].tobytes() == b["image"].tobytes()
+    assert a["question"] == b["question"] and a["objects"] == b["objects"]
+    assert not np.array_equal(a["image"], vm.make_scene(7, seed=4, split="test")["image"])
+    assert not np.array_equal(a["image"], vm.make_scene(7, seed=3, split="train")["image"])
+    assert a["image"].shape == (448, 448, 3) and a["image"].dtype == np.uint8
+
+
+def test_layout_rules():
+    m = CFG.margin
+    for s in SCENES:
+        large, small = s["objects"][0], s["objects"][1:]
+        assert large["size"] == "large" and all(o["size"] == "small" for o in small)
+        x1, y1, x2, y2 = large["box"]
+        assert 0 <= x1 and 0 <= y1 and x2 <= CFG.size and y2 <= CFG.size
+        assert CFG.large_size[0] <= x2 - x1 <= CFG.large_size[1] and x2 - x1 == y2 - y1
+        grown = [x1 - m, y1 - m, x2 + m, y2 + m]
+        assert 1 <= len(small) <= CFG.num_small[1]
+        for i, o in enumerate(small):
+            b, cell = o["box"], _cell_of(o["box"])
+            assert CFG.small_size[0] <= b[2] - b[0] <= CFG.small_size[1]
+            assert cell[0] + m <= b[0] and b[2] <= cell[2] - m and cell[1] + m <= b[1] and b[3] <= cell[3] - m
+            assert not _intersects(cell, grown)
+            assert all(not _intersects(b, p["box"]) for p in small[i + 1:])
+            assert (o["letter"] != "") == (o["class"] == "tile") and o["letter_colour"] != o["colour"]
+        colours = [o["colour"] for o in small]
+        pair = [s["objects"][t] for t in s["target_ids"]] if s["kind"] == "relative_position" else []
+        assert len(set(colours)) == len(colours) - len(pair) // 2  # the pair shares one, unique elsewhere
+        if pair:
+            assert pair[0]["colour"] == pair[1]["colour"] and pair[0]["shape"] != pair[1]["shape"]
+            assert _cell_of(pair[0]["box"]) == _cell_of(pair[1]["box"])
+            gap = max(pair[1]["box"][0] - pair[0]["box"][2], pair[0]["box"][0] - pair[1]["box"][2],
+                      pair[1]["box"][1] - pair[0]["box"][3], pair[0]["box"][1] - pair[1]["box"][3])
+            assert gap >= 6
+        # cells hold one small object each (the pair excepted)
+        cells = [tuple(_cell_of(o["box"])) for o in small]
+        assert len(set(cells)) == len(cells) - len(pair) // 2
+
+
+def test_question_answer_consistency():
+    for s in SCENES:
+        assert s["answer"] in s["options"] and s["options"][ord(s["answer_letter"]) - 65] == s["answer"]
+        assert len(set(s["options"])) == len(s["options"]) == (2 if s["kind"] == "relative_position" else 4)
+        assert s["question"] == vm.format_question(s["question_text"], s["options"])
+        assert s["hard"] == (s["kind"] in vm.HARD_KINDS) and s["data_source"] == "vstar"
+        t = [s["objects"][i] for i in s["target_ids"]]
+        boxes = np.array([o["box"] for o in t])
+        assert s["target_box"] == [float(v) for v in (*boxes[:, :2].min(0), *boxes[:, 2:].max(0))]
+        assert all(0 <= v <= CFG.size for v in s["target_box"])
+        kind, o = s["kind"], t[0]
+        assert (o["size"] == "large") == (kind in vm.EASY_KINDS)
+        assert f" {o['colour']} " in s["question_text"] or kind in vm.EASY_KINDS
+        if kind == "shape":
+            assert o["class"] == "shape" and s["answer"] == o["shape"] and sorted(s["options"]) == sorted(vm.SHAPES)
+        elif kind == "letter":
+            assert o["class"] == "tile" and s["answer"] == o["letter"]
+        elif kind == "letter_colour":
+            assert o["class"] == "tile" and s["answer"] == o["letter_colour"] and o["colour"] not in s["options"]
+        elif kind == "relative_position":
+            (ax, ay), (bx, by) = [((p["box"][0] + p["box"][2]) / 2, (p["box"][1] + p["box"][3]) / 2) for p in t]
+            want = {"left": ax < bx, "right": ax > bx, "above": ay < by, "below": ay > by}
+            assert want[s["answer"]] and s["question_text"].startswith(f"Is the small {o['colour']} {o['shape']} ")
+        elif kind == "large_colour":
+            assert s["answer"] == o["colour"] and set(s["options"]) <= set(vm.COLOURS)
+        else:
+            assert s["answer"] == o["shape"]
+
+
+def test_all_kinds_and_hard_fraction():
+    kinds = [s["kind"] for s in SCENES]
+    relative = {s["answer"] for s in SCENES if s["kind"] == "relative_position"}
+    assert relative == {"left", "right", "above", "below"}
+    assert set(kinds) == set(vm.HARD_KINDS + vm.EASY_KINDS)
+    assert abs(np.mean([s["hard"] for s in SCENES]) - CFG.hard_fraction) < 0.07
+    only = vm.WorldConfig(kinds=("letter", "large_shape"), hard_fraction=1.0)
+    assert {vm.make_scene(i, seed=1, split="train", config=only)["kind"] for i in range(20)} == {"letter"}
+
+
+def test_pixels_show_the_objects():
+    for s in SCENES[:100]:
+        for o in s["objects"]:
+            x1, y1, x2, y2 = o["box"]
+            rgb = np.array(vm.COLOURS[o["colour"]])
+            patch = s["image"][y1:y2, x1:x2].reshape(-1, 3)
+            if o["class"] == "tile":  # the letter covers the centre of some tiles; most of it is tile colour
+                assert (patch == rgb).all(-1).mean() > 0.4
+                assert (patch == vm.LETTER_COLOURS[o["letter_colour"]]).all(-1).sum() >= 3 * (x2 - x1)
+            else:
+                cy, cx = (y1 + y2) // 2, (x1 + x2) // 2
+                assert (s["image"][cy - 1:cy + 2, cx - 1:cx + 2] == rgb).all()
+                assert 0.4 < (patch == rgb).all(-1).mean() < 1.0 or o["shape"] == "square"
+        # the muted background (everything outside the boxes) stays in 90..170, away from object colours
+        free = np.ones(s["image"].shape[:2], bool)
+        for o in s["objects"]:
+            free[o["box"][1]:o["box"][3], o["box"][0]:o["box"][2]] = False
+        assert 90 <= s["image"][free].min() and s["image"][free].max() <= 170
+
+
+def test_format_question_and_crop_box():
+    assert vm.format_question("Q?", ["a", "b"]) == "Question: Q?\nOptions: \nA. a\nB. b\n\n"
+    assert vm.crop_box([10, 20, 440, 100], pad=16, size=448) == [0.0, 4.0, 448.0, 116.0]
+
+
+def test_question_for_poses_another_question():
+    s = next(s for s in SCENES if s["kind"] == "letter")
+    q, options, answer = vm.question_for(s["objects"], s["target_ids"], "letter_colour", np.random.default_rng(0))
+    assert answer == s["objects"][s["target_ids"][0]]["letter_colour"] and answer in options and "tile" in q
+
+
+def test_unknown_kind_raises():
+    with pytest.raises(ValueError, match="colour_of_sky"):
+        vm.WorldConfig(kinds=("shape", "colour_of_sky"))
+
+
+def test_tfds_round_trip(tmp_path, monkeypatch):
+    monkeypatch.delenv("TFDS_DATA_DIR", raising=False)
+    data = vstar_mini_tfds.load(str(tmp_path), seed=5, num_train=16, num_test=8)
+    assert (len(data["train"]), len(data["test"])) == (16, 8)
+    files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    assert any("vstar_mini-test.array_record" in p.name for p in files)
+    mtimes = {p: p.stat().st_mtime_ns for p in files}
+    again = vstar_mini_tfds.load(str(tmp_path), seed=5, num_train=16, num_test=8)
+    assert {p: p.stat().st_mtime_ns for p in files} == mtimes and len(again["test"]) == 8
+    for i in (0, 5, 7):
+        got, want = again["test"][i], vm.make_scene(i, seed=5, split="test")
+        assert got.pop("index") == i
+        assert set(got) == set(want)
+        for k in want:
+            if k == "image":
+                assert got[k].dtype == np.uint8 and np.array_equal(got[k], want[k])
+            else:
+                assert got[k] == want[k] and type(got[k]) is type(want[k]), k
+    # another seed is another dataset next to it
+    other = vstar_mini_tfds.load(str(tmp_path), seed=6, num_train=16, num_test=8)
+    assert not np.array_equal(other["train"][0]["image"], again["train"][0]["image"])
+    assert len(os.listdir(tmp_path / "vstar_mini")) == 2
