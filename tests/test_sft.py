@@ -129,7 +129,7 @@ def test_tasks_teach_abilities_not_the_composition(tokenizer, scenes):
                 assert parsed["status"] == "zoom", parsed
                 x1, y1, x2, y2 = parsed["bbox"]
                 assert x2 - x1 > 30 and y2 - y1 > 30  # DeepEyes rejects smaller boxes
-                assert any(x1 <= b[0] and b[2] <= x2 and y1 <= b[1] and b[3] <= y2 for b in _targets(sc))
+                assert any(x1 <= b[0] and b[2] <= x2 and y1 <= b[1] and b[3] <= y2 for b in _targets(sc, large=True))
             if task == "grounding":
                 box = json.loads(replies[0].split("<answer>")[1].split("</answer>")[0])["bbox_2d"]
                 assert box in _targets(sc)
@@ -139,9 +139,10 @@ def test_tasks_teach_abilities_not_the_composition(tokenizer, scenes):
                 assert images[-1].image.shape[0] < 448 and images[-1].min_pixels == BUDGETS.crop_min_pixels
 
 
-def _targets(scene):
-    """Boxes a small-object question can be about: each single-colour small object, or a same-colour pair's union."""
-    by_colour = {}
+def _targets(scene, large=False):
+    """Boxes a question can be about: each single-colour small object, a same-colour pair's union (and the
+    large object)."""
+    by_colour = {"large": [scene["objects"][0]["box"]]} if large else {}
     for o in scene["objects"]:
         if o["size"] == "small":
             by_colour.setdefault(o["colour"], []).append(o["box"])

@@ -34,6 +34,7 @@ class WorldConfig:
     hard_fraction: float = 0.75
     kinds: tuple[str, ...] = HARD_KINDS + EASY_KINDS
     margin: int = 6  # px kept free around the large object and inside cell borders
+    letter_stroke: float = 1 / 8  # letter stroke width / tile side (>= 3 px)
 
     def __post_init__(self):
         unknown = [k for k in self.kinds if k not in HARD_KINDS + EASY_KINDS]
@@ -108,7 +109,7 @@ def _background(rng, size: int) -> np.ndarray:
     return np.clip(smooth + grain[:size, :size], 90, 170).astype(np.uint8)
 
 
-def _draw(draw: ImageDraw.ImageDraw, o: dict) -> None:
+def _draw(draw: ImageDraw.ImageDraw, o: dict, stroke: float) -> None:
     x1, y1, x2, y2 = o["box"]
     side, fill = x2 - x1, COLOURS[o["colour"]]
     x2, y2 = x2 - 1, y2 - 1  # PIL boxes are inclusive
@@ -125,7 +126,7 @@ def _draw(draw: ImageDraw.ImageDraw, o: dict) -> None:
         draw.rectangle([x1, y1, x2, y2], fill=fill)
     if o["class"] != "tile":
         return
-    w, ink, pad = max(3, round(side / 8)), LETTER_COLOURS[o["letter_colour"]], side // 5
+    w, ink, pad = max(3, round(side * stroke)), LETTER_COLOURS[o["letter_colour"]], side // 5
     a, b, c, d = x1 + pad, y1 + pad, x2 - pad, y2 - pad  # letter box
     mx, my = (a + c - w + 1) // 2, (b + d - w + 1) // 2  # top-left of the centred stroke
     strokes = {"T": [(a, b, c, b + w - 1), (mx, b, mx + w - 1, d)],
@@ -202,7 +203,7 @@ def make_scene(index: int, *, seed: int, split: str, config: WorldConfig = World
     q, options, answer = question_for(objects, target_ids, kind, rng)
     draw = ImageDraw.Draw(pil := Image.fromarray(image))
     for o in objects:
-        _draw(draw, o)
+        _draw(draw, o, config.letter_stroke)
     boxes = np.array([objects[t]["box"] for t in target_ids])
     return dict(image=np.array(pil), question=format_question(q, options), question_text=q, options=options,
                 answer=answer, answer_letter="ABCD"[options.index(answer)], kind=kind, hard=hard,

@@ -1,14 +1,17 @@
 """The supervised stage's conversations: the separate abilities a real base model brings, never the composition.
 
 From V*-mini training scenes, each example is one of (`TASKS`):
+  scene       scene + its own question (hard or easy) -> a direct answer, or with probability
+              `Budgets.tool_prior` a tool call on the target and nothing after it: the base model's prior
+              propensity to use an offered tool, equal for hard and easy questions
   easy        scene + an easy question (large object) -> think, answer                    (no zoom needed)
   closeup     a tool-like crop around small target(s) as the only image + a hard question -> answer
   second      scene + easy question -> answer; then a user turn with a crop + hard question -> answer
               (reading a SECOND image of the conversation)
   grounding   scene + "Where is the small X?" -> answer {"bbox_2d": [...]} (the tight box)
-  tool_call   scene + "Zoom in on the small X." -> a tool call in the system prompt's format
-No example contains a tool call followed by an answer, and no hard question is ever asked about the
-scene itself: zooming to answer a hard question is what RL has to discover.
+  tool_call   scene + a question + "Zoom in on X first." -> a tool call in the system prompt's format
+No example contains a tool call followed by an answer: that zooming pays off on hard questions (and
+how to answer from the crop) is what RL has to discover.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from deepeyes_jax.data.tokenizer import COMPACT_SYSTEM_PROMPT, SYSTEM_PROMPT, US
 from deepeyes_jax.rollout.inputs import prompt_parts
 from deepeyes_jax.sft.conversation import Image, Reply, Text
 
-TASKS = ("easy", "closeup", "second", "grounding", "tool_call")
+TASKS = ("scene", "easy", "closeup", "second", "grounding", "tool_call")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +37,8 @@ class Budgets:
     crop_max_pixels: int
     tool_pad: int = 16  # the tool-call box is the target box grown by this much (boxes need sides > 30 px)
     system_prompt: str = SYSTEM_PROMPT
+    tool_prior: float = 0.1  # "scene" task: fraction of questions met with a tool call
+    kinds: tuple = vstar_mini.HARD_KINDS + vstar_mini.EASY_KINDS  # question kinds the tasks may ask
 
 
 def prompt(image, question: str, budgets: Budgets, *, pixels: tuple[int, int] | None = None) -> list:
@@ -66,8 +71,8 @@ def _union(boxes):
     return [float(b[:, 0].min()), float(b[:, 1].min()), float(b[:, 2].max()), float(b[:, 3].max())]
 
 
-def _small_targets(scene: dict, rng):
-    """A random hard question's targets about this scene: (kind, target_ids)."""
+def _small_targets(scene: dict, rng, kinds):
+    """A random hard question (of `kinds`) about this scene: (kind, target_ids)."""
     objs = scene["objects"]
     small = [i for i, o in enumerate(objs) if o["size"] == "small"]
     by_colour = {}
@@ -76,8 +81,11 @@ def _small_targets(scene: dict, rng):
     pairs = [ids for ids in by_colour.values() if len(ids) == 2]
     singles = [ids[0] for ids in by_colour.values() if len(ids) == 1]
     options = [("relative_position", p) for p in pairs]
-    options += [("letter" if rng.random() < 0.5 else "letter_colour", [i]) if objs[i]["class"] == "tile"
-                else ("shape", [i]) for i in singles]
+    options += [(k, [i]) for i in singles for k in
+                (("letter", "letter_colour") if objs[i]["class"] == "tile" else ("shape",))]
+    options = [(k, ids) for k, ids in options if k in kinds]
+    if not options:
+        raise ValueError(f"no small target for question kinds {kinds}")
     return options[int(rng.integers(len(options)))]
 
 
@@ -97,16 +105,25 @@ def example(scene: dict, task: str, rng, budgets: Budgets) -> list:
     objs, size = scene["objects"], scene["image"].shape[0]
     large = [i for i, o in enumerate(objs) if o["size"] == "large"]
 
+    easy_kinds = [k for k in vstar_mini.EASY_KINDS if k in budgets.kinds] or list(vstar_mini.EASY_KINDS)
+
     def easy_turn():
-        kind = vstar_mini.EASY_KINDS[int(rng.integers(len(vstar_mini.EASY_KINDS)))]
+        kind = easy_kinds[int(rng.integers(len(easy_kinds)))]
         q, opts, ans = vstar_mini.question_for(objs, large, kind, rng)
         return prompt(scene["image"], vstar_mini.format_question(q, opts), budgets), \
             Reply(answer("The large object is clearly visible.", ans))
 
+    if task == "scene":
+        name = target_name(scene, scene["target_ids"])
+        segs = prompt(scene["image"], scene["question"], budgets)
+        if rng.random() < budgets.tool_prior:
+            box = vstar_mini.crop_box(scene["target_box"], pad=budgets.tool_pad, size=size)
+            return segs + [Reply(tool_call(f"I need a closer look at {name}.", box))]
+        return segs + [Reply(answer(f"{name.capitalize()} is clearly visible.", scene["answer"]))]
     if task == "easy":
         segs, reply = easy_turn()
         return segs + [reply]
-    kind, ids = _small_targets(scene, rng)
+    kind, ids = _small_targets(scene, rng, budgets.kinds)
     name = target_name(scene, ids)
     crop = Image(_crop(scene, ids, rng, size), budgets.crop_min_pixels, budgets.crop_max_pixels)
     q, opts, ans = vstar_mini.question_for(objs, ids, kind, rng)
@@ -124,9 +141,15 @@ def example(scene: dict, task: str, rng, budgets: Budgets) -> list:
         tight = json.dumps({"bbox_2d": [int(round(v)) for v in box]})
         return prompt(scene["image"], q, budgets) + [Reply(answer(f"I can see {name}.", tight))]
     if task == "tool_call":
+        # Asked to zoom, alongside a question about the same object (a quarter of the time the large one,
+        # so looking is not tied to small objects here); the answer after the zoom is never shown.
+        if rng.random() < 0.25:
+            easy_kind = easy_kinds[int(rng.integers(len(easy_kinds)))]
+            (q, opts, _), ids = vstar_mini.question_for(objs, large, easy_kind, rng), large
+            name, box = target_name(scene, large), objs[large[0]]["box"]
+        ask = f"{vstar_mini.format_question(q, opts)}Zoom in on {name} first."
         zoom = vstar_mini.crop_box(box, pad=budgets.tool_pad, size=size)
-        return prompt(scene["image"], f"Zoom in on {name}.", budgets) + [
-            Reply(tool_call(f"I need a closer look at {name}.", zoom))]
+        return prompt(scene["image"], ask, budgets) + [Reply(tool_call(f"I need a closer look at {name}.", zoom))]
     raise ValueError(f"unknown SFT task {task!r}; choose from {TASKS}")
 
 

@@ -36,7 +36,8 @@ REPORT = "sft_report.json"
 def _batches(source, tokenizer, budgets, shapes, *, batch, weights, seed, steps):
     """Packed SFT batches, produced by a background thread one step ahead of the device.
 
-    A conversation that does not fit `shapes` is logged, counted (`skipped[0]`) and replaced.
+    An example that cannot be made (no target of the asked kinds) or does not fit `shapes` is logged,
+    counted and replaced.
     """
     names = list(weights)
     p = np.array([weights[n] for n in names], np.float64)
@@ -51,8 +52,8 @@ def _batches(source, tokenizer, budgets, shapes, *, batch, weights, seed, steps)
                 convs = []
                 while len(convs) < batch:
                     index, task = int(rng.integers(len(source))), names[int(rng.choice(len(names), p=p))]
-                    conv = tasks.example(source[index], task, rng, budgets)
                     try:
+                        conv = tasks.example(source[index], task, rng, budgets)
                         pack(tokenizer, [conv], shapes)
                     except ValueError as e:
                         skipped[0] += 1
