@@ -10,6 +10,7 @@
 Resumes from the latest good checkpoint in --workdir; SIGTERM saves and exits.
 """
 
+import itertools
 import json
 import os
 import time
@@ -66,8 +67,8 @@ def main(argv):
         table = put(tools.token_bytes(tokenizer))
         eval_rng = put(jax.random.key(cfg.seed + 1))
     evaluate = run.make_evaluator(model, cfg, templates, table)
-    held_out = run.eval_batches(cfg, tokenizer, splits["test"], cfg.eval.examples, put)
     final_held_out = run.eval_batches(cfg, tokenizer, splits["test"], cfg.eval.final_examples, put)
+    held_out = run.eval_prefix(cfg, final_held_out)
 
     # ------------------------------------------------------------------ 3. Base model on the held-out split
     before_path = os.path.join(workdir, "eval_before.json")
@@ -75,8 +76,10 @@ def main(argv):
         with jax.transfer_guard("allow"):
             params0 = nnx.state(model)
         before, _, _ = ev.evaluate(evaluate, params0, final_held_out, eval_rng)
-        hard = [ex for ex in (splits["test"][i] for i in range(len(splits["test"]))) if ex["hard"]]
-        probe = ev.perception_probe(make_scorer(model), params0, hard[:cfg.eval.probe_examples], tokenizer,
+        test = splits["test"]
+        hard = list(itertools.islice((ex for ex in (test[i] for i in range(len(test))) if ex["hard"]),
+                                     cfg.eval.probe_examples))
+        probe = ev.perception_probe(make_scorer(model), params0, hard, tokenizer,
                                     run.budgets(cfg), run.sft_shapes(cfg)._replace(seq_len=cfg.rollout.max_total_len),
                                     batch=cfg.eval.batch, put=put)
         before.update({f"probe/{k}": v for k, v in probe.items()})

@@ -14,7 +14,7 @@ from absl import logging
 from deepeyes_jax.data.tokenizer import SYSTEM_PROMPT
 from deepeyes_jax.rl.rewards import RewardConfig
 from deepeyes_jax.rl.train_step import TrainBatch
-from deepeyes_jax.rollout.inputs import make_batch
+from deepeyes_jax.rollout.inputs import RolloutBatch, make_batch
 
 
 class PromptStream:
@@ -43,8 +43,8 @@ class PromptStream:
         answer = str(ex["answer"]).encode()
         if len(answer) > self.answer_bytes:
             raise ValueError(f"answer of {len(answer)} bytes exceeds {self.answer_bytes}")
-        make_batch(self.tokenizer, [ex["question"]], [ex["image"]], **self.shapes)  # the static shapes fit
-        return dict(ex, source_kind=kind, answer_utf8=answer)
+        row = make_batch(self.tokenizer, [ex["question"]], [ex["image"]], **self.shapes)  # raises if it does not fit
+        return dict(ex, source_kind=kind, answer_utf8=answer, rollout=row)
 
     def next_batch(self):
         examples = []
@@ -56,8 +56,8 @@ class PromptStream:
                 self.skipped += 1
                 logging.warning("skipping record %d (%d skipped so far): %s", index, self.skipped, e)
         rows = [ex for ex in examples for _ in range(self.group_size)]
-        rollout = make_batch(self.tokenizer, [ex["question"] for ex in rows], [ex["image"] for ex in rows],
-                             **self.shapes)
+        rollout = RolloutBatch(*(np.repeat(np.concatenate(f), self.group_size, axis=0)
+                                 for f in zip(*(ex["rollout"] for ex in examples))))
         answer = np.zeros((len(rows), self.answer_bytes), np.uint8)
         for i, ex in enumerate(rows):
             answer[i, :len(ex["answer_utf8"])] = np.frombuffer(ex["answer_utf8"], np.uint8)

@@ -27,7 +27,7 @@ from deepeyes_jax.data import vstar_mini_sft as tasks
 from deepeyes_jax.data.tokenizer import build_tokenizer, default_corpus
 from deepeyes_jax.models.qwen2_5_vl import Qwen2_5_VL, from_pretrained, save_pretrained
 from deepeyes_jax.models.qwen2_5_vl.presets import for_tokenizer
-from deepeyes_jax.sft.conversation import Shapes, pack
+from deepeyes_jax.sft.conversation import Shapes, concat, pack
 from deepeyes_jax.sft.step import make_sft_step
 
 REPORT = "sft_report.json"
@@ -49,18 +49,15 @@ def _batches(source, tokenizer, budgets, shapes, *, batch, weights, seed, steps)
         rng = np.random.default_rng(seed)
         try:
             for _ in range(steps):
-                convs = []
-                while len(convs) < batch:
+                rows = []
+                while len(rows) < batch:
                     index, task = int(rng.integers(len(source))), names[int(rng.choice(len(names), p=p))]
                     try:
-                        conv = tasks.example(source[index], task, rng, budgets)
-                        pack(tokenizer, [conv], shapes)
+                        rows.append(pack(tokenizer, [tasks.example(source[index], task, rng, budgets)], shapes))
                     except ValueError as e:
                         skipped[0] += 1
                         logging.warning("SFT: skipping %s example of train record %d: %s", task, index, e)
-                        continue
-                    convs.append(conv)
-                out.put(pack(tokenizer, convs, shapes))
+                out.put(concat(rows))
         except Exception as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
             out.put(e)
 
@@ -102,7 +99,7 @@ def fan_in_init(params, seed: int):
     first (measured: held-out easy-question accuracy 0.35 vs 0.62 after 50 steps with this init).
     """
     def draw(path, x):
-        if path and getattr(path[-2] if len(path) > 1 else path[-1], "key", None) == "kernel" and x.ndim >= 2:
+        if x.ndim >= 2 and any(getattr(k, "key", None) == "kernel" for k in path):
             key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(jax.tree_util.keystr(path).encode()))
             return (jax.random.normal(key, x.shape, jnp.float32) / np.sqrt(x.shape[0])).astype(x.dtype)
         return x

@@ -113,6 +113,12 @@ def pack(tokenizer, conversations, shapes: Shapes) -> Trajectories:
         end_reason=zeros(b), length=valid.sum(1).astype(np.int32))
 
 
+def concat(rows: list[Trajectories]) -> Trajectories:
+    """Packed batches -> one batch with their rows in order (position_ids keep rows on axis 1)."""
+    return Trajectories(*(np.concatenate(parts, axis=1 if name == "position_ids" else 0)
+                          for name, parts in zip(Trajectories._fields, zip(*rows))))
+
+
 def with_positions(model, traj: Trajectories) -> Trajectories:
     """Fill M-RoPE positions on device (jittable): every row's images in order, unused slots empty."""
     used = jnp.arange(traj.crop_grid_thw.shape[1])[None, :] < traj.num_crops[:, None]

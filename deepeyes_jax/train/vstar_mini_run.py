@@ -129,6 +129,14 @@ def eval_batches(cfg, tokenizer, source, n: int, put) -> list:
     return out
 
 
+def eval_prefix(cfg, batches: list) -> list:
+    """The during-training evaluation set: the first eval.examples of the final evaluation's batches."""
+    if cfg.eval.examples > cfg.eval.final_examples or cfg.eval.examples % cfg.eval.batch:
+        raise ValueError(f"eval.examples {cfg.eval.examples} must be a multiple of eval.batch {cfg.eval.batch} "
+                         f"and at most eval.final_examples {cfg.eval.final_examples}")
+    return batches[:cfg.eval.examples // cfg.eval.batch]
+
+
 def make_evaluator(model, cfg, templates, table):
     """-> run(params, batch, rng) -> (trajectories, score): the greedy rollout-and-reward program."""
     jitted = jax.jit(functools.partial(rollout_and_score, nnx.graphdef(model), train_config(cfg, temperature=0.0),
