@@ -4,7 +4,8 @@
 
 1. Build (first use) or open the V*-mini TFDS dataset.
 2. Load the base model from WORKDIR/base_model, or train it with the supervised stage and save it there.
-3. Evaluate on the held-out split (greedy, tool available) and probe perception with/without the GT crop.
+3. Evaluate on the held-out split (greedy, tool available); probe perception with/without the GT crop,
+   grounding, and what the image tokens linearly encode (position, small objects).
 4. GRPO: rollout + reward + advantages + update as one program per step; held-out eval every eval.every.
 5. Print the before/after table; write dynamics.png, examples/*.png, eval_*.json, export/ (HF checkpoint).
 Resumes from the latest good checkpoint in --workdir; SIGTERM saves and exits.
@@ -23,6 +24,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from deepeyes_jax.eval import vstar_mini as ev
+from deepeyes_jax.eval.feature_probe import linear_readout
 from deepeyes_jax.models.qwen2_5_vl import save_pretrained
 from deepeyes_jax.rl.train_step import make_optimizer, make_train_step
 from deepeyes_jax.rollout import tools
@@ -82,6 +84,8 @@ def main(argv):
         probe = ev.perception_probe(make_scorer(model), params0, hard, tokenizer,
                                     run.budgets(cfg), run.sft_shapes(cfg)._replace(seq_len=cfg.rollout.max_total_len),
                                     batch=cfg.eval.batch, put=put)
+        probe.update(linear_readout(model, [test[i] for i in range(min(len(test), cfg.eval.probe_examples))],
+                                    cfg.data.scene_max_pixels, put))
         before.update({f"probe/{k}": v for k, v in probe.items()})
         run.save_json(before_path, dict(before, sft=sft_report))
         logging.info("base model: %s", before)

@@ -42,6 +42,14 @@ def test_nested_transformers5_layout_round_trips():
     assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
 
 
+def test_eos_id_survives_the_round_trip_and_reaches_transformers():
+    cfg = dataclasses.replace(ModelConfig.from_hf_dict(H.hf_config().to_dict()), eos_token_id=7)
+    d = cfg.to_hf_dict()
+    assert ModelConfig.from_hf_dict(d).eos_token_id == 7
+    assert H.transformers.Qwen2_5_VLConfig(**d).text_config.eos_token_id == 7
+    assert ModelConfig.from_hf_dict({**RELEASED_7B, "eos_token_id": [9, 151645]}).eos_token_id == 9
+
+
 def test_runtime_fields_pass_through():
     cfg = ModelConfig.from_hf_dict(RELEASED_7B, param_dtype=jnp.float32, dtype=jnp.bfloat16)
     assert cfg.param_dtype == jnp.float32 and cfg.dtype == jnp.bfloat16

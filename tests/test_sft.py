@@ -1,6 +1,7 @@
 """Supervised stage: conversation packing matches the rollout's token layout and the model's own forward;
 the SFT step learns and compiles once; the V*-mini task mixture teaches abilities, never the composition."""
 
+import dataclasses
 import json
 
 import jax
@@ -61,9 +62,7 @@ def test_prompt_segments_tokenize_like_the_rollout(tokenizer, scenes):
 
 def test_observation_segments_equal_the_rollout_templates(tokenizer, scenes):
     tpl = make_templates(tokenizer)
-    crop = scenes[0]["image"][:60, :60]
-    obs = [Text("\n<|im_start|>user\n<tool_response>"), Image(crop, BUDGETS.crop_min_pixels, BUDGETS.crop_max_pixels),
-           Text(f"{tasks.USER_PROMPT}</tool_response><|im_end|>\n<|im_start|>assistant\n")]
+    obs = tasks.observation(scenes[0]["image"][:60, :60], BUDGETS)
     head = [Ids((1,)), Image(scenes[0]["image"], 1, BUDGETS.scene_max_pixels)]
     traj = pack(tokenizer, [head + obs], SHAPES)
     n0 = 1 + 2 + 16  # the id, vision start/end and 16 merged tokens of the 112 x 112 scene
@@ -115,28 +114,50 @@ def test_sft_step_fits_a_batch_and_compiles_once(tokenizer, scenes, model):
     assert step._cache_size() == 1
 
 
-def test_tasks_teach_abilities_not_the_composition(tokenizer, scenes):
-    rng = np.random.default_rng(2)
+@pytest.mark.parametrize("grid", [0, 112])
+def test_tasks_teach_abilities_not_the_composition(tokenizer, scenes, grid):
+    budgets, rng = _with_grid(grid), np.random.default_rng(2)
     for sc in scenes:
         for task in tasks.TASKS:
-            conv = tasks.example(sc, task, rng, BUDGETS)
+            conv = tasks.example(sc, task, rng, budgets)
             replies = [s.text for s in conv if isinstance(s, Reply)]
             calls = [r for r in replies if "<tool_call>" in r]
-            # a tool call is always the last reply: no example zooms and then answers
-            assert all("<tool_call>" not in r for r in replies[:-1]) and len(calls) <= 1
+            # a tool call is always the last segment: no example zooms and then does anything
+            assert len(calls) <= 1 and (not calls or conv[-1] == Reply(calls[0]))
+            first_image = next(k for k, s in enumerate(conv) if isinstance(s, Image))
+            assert not any('"name": "image_zoom_in_tool"' in s.text for s in conv[first_image:] if isinstance(s, Text))
+            zooms = [tasks.zoom_box(b, budgets, 448) for b in _targets(sc, large=task == "tool_call")]
             if task == "tool_call":
                 parsed = tools.parse_turn(calls[0], image_width=448, image_height=448, tokenizer=tokenizer)
                 assert parsed["status"] == "zoom", parsed
                 x1, y1, x2, y2 = parsed["bbox"]
                 assert x2 - x1 > 30 and y2 - y1 > 30  # DeepEyes rejects smaller boxes
-                assert any(x1 <= b[0] and b[2] <= x2 and y1 <= b[1] and b[3] <= y2 for b in _targets(sc, large=True))
+                assert [x1, y1, x2, y2] in zooms
             if task == "grounding":
                 box = json.loads(replies[0].split("<answer>")[1].split("</answer>")[0])["bbox_2d"]
-                assert box in _targets(sc)
-            if task in ("closeup", "second"):
-                # the hard question is asked about a crop, never about the scene itself
+                assert box in zooms
+            if task in ("closeup", "second", "observed"):
+                # the hard question is answered from a crop, never from the scene itself
                 images = [s for s in conv if isinstance(s, Image)]
                 assert images[-1].image.shape[0] < 448 and images[-1].min_pixels == BUDGETS.crop_min_pixels
+            if task == "observed":
+                # one trained reply, after the tool's observation; the first answer is context only
+                assert len(replies) == 1 and conv[-1] == Reply(replies[0]) and "<answer>" in replies[0]
+                assert conv[-4:-1] == tasks.observation(images[-1].image, budgets)
+                assert sum(s.text.startswith("<think>") for s in conv if isinstance(s, Text)) == 1
+
+
+def _with_grid(grid):
+    return dataclasses.replace(BUDGETS, box_grid=grid)
+
+
+def test_zoom_box_snaps_outward_to_the_grid():
+    on = _with_grid(56)
+    assert tasks.zoom_box([60.0, 75.0, 91.0, 113.0], on, 448) == [56.0, 56.0, 112.0, 168.0]
+    assert tasks.zoom_box([400.0, 0.0, 447.5, 20.0], on, 448) == [392.0, 0.0, 448.0, 56.0]
+    assert tasks.zoom_box([56.0, 56.0, 112.0, 112.0], on, 448) == [56.0, 56.0, 112.0, 112.0]  # already on it
+    assert tasks.zoom_box([60.0, 75.0, 91.0, 113.0], BUDGETS, 448) == vstar_mini.crop_box(
+        [60.0, 75.0, 91.0, 113.0], pad=BUDGETS.tool_pad, size=448)
 
 
 def _targets(scene, large=False):

@@ -77,8 +77,10 @@ def reference(tmp_path_factory, shared):
 def test_every_stage_leaves_its_output(reference, shared):
     workdir = reference["workdir"]
     before = json.load(open(os.path.join(workdir, "eval_before.json")))
-    for key in ("hard/accuracy", "easy/tool_call_rate", "probe/no_crop", "probe/gt_crop", "probe/chance"):
+    for key in ("hard/accuracy", "easy/tool_call_rate", "probe/no_crop", "probe/gt_crop", "probe/chance",
+                "probe/grounding", "probe/grounding_chance", "probe/small_object_accuracy"):
         assert 0 <= before[key] <= 1, key
+    assert before["probe/position_r2"] <= 1 and before["probe/small_object_majority"] >= 0.5
     assert before["sft"]["steps"] == 4 and before["sft"]["history"][-1]["loss"] > 0
     after = json.load(open(os.path.join(workdir, "eval_after.json")))
     assert set(after) == {k for k in before if "/" in k and not k.startswith("probe/")}

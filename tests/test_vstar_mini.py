@@ -122,6 +122,30 @@ def test_pixels_show_the_objects():
         assert 90 <= s["image"][free].min() and s["image"][free].max() <= 170
 
 
+def test_position_tint_makes_place_visible():
+    """With a tint, red-minus-green of the background rises left to right and blue-minus-green top to
+    bottom, by the configured amount, whatever the random blobs; without one it stays level."""
+    def background_slope(config, axis, channel):
+        diffs = []
+        for i in range(12):
+            s = vm.make_scene(i, seed=5, split="train", config=config)
+            img = s["image"].astype(np.float64)
+            free = np.ones(img.shape[:2], bool)
+            for o in s["objects"]:
+                free[o["box"][1]:o["box"][3], o["box"][0]:o["box"][2]] = False
+            d = np.where(free, img[..., channel] - img[..., 1], np.nan)
+            profile = np.nanmean(d, axis=1 - axis)  # mean over the other axis
+            diffs.append(np.nanmean(profile[-40:]) - np.nanmean(profile[:40]))
+        return np.mean(diffs), np.std(diffs)
+
+    tinted = vm.WorldConfig(position_tint=80)
+    for axis, channel in ((1, 0), (0, 2)):  # x -> red, y -> blue
+        mean, spread = background_slope(tinted, axis, channel)
+        assert 60 < mean < 80 and spread < 5, (axis, mean, spread)  # 80 * (448 - 40) / 448 end to end
+    assert abs(background_slope(tinted, 0, 0)[0]) < 3  # red does not depend on y
+    assert abs(background_slope(vm.WorldConfig(), 1, 0)[0]) < 15
+
+
 def test_format_question_and_crop_box():
     assert vm.format_question("Q?", ["a", "b"]) == "Question: Q?\nOptions: \nA. a\nB. b\n\n"
     assert vm.crop_box([10, 20, 440, 100], pad=16, size=448) == [0.0, 4.0, 448.0, 116.0]

@@ -1,5 +1,6 @@
 """Held-out evaluation pieces: IoU, per-group summaries, turn extraction and crop recovery for renderings."""
 
+import json
 import math
 
 import numpy as np
@@ -57,3 +58,34 @@ def test_turns_of_splits_assistant_turns_and_attaches_crops():
     assert [t["text"] for t in turns] == [zoom, "<think>ok</think>\n<answer>red</answer>"]
     assert turns[0]["bbox"] == [0, 0, 56, 56] and turns[1]["bbox"] is None
     assert turns[0]["crop"].shape == (112, 112, 3) and abs(int(turns[0]["crop"].mean()) - 200) <= 1
+
+
+def test_perception_probe_picks_the_best_scored_candidate_per_scene():
+    """With a scorer that prefers the reply with fewer tokens, every family's accuracy is the fraction of
+    scenes whose shortest candidate is the right one, computed here independently from the candidates."""
+    from deepeyes_jax.data import vstar_mini
+    from deepeyes_jax.data import vstar_mini_sft as tasks
+    from deepeyes_jax.data.tokenizer import default_corpus
+
+    tok = build_tokenizer(vocab_size=1024, corpus=default_corpus() + tasks.corpus())
+    world = vstar_mini.WorldConfig(kinds=("letter_colour",))
+    scenes = [vstar_mini.make_scene(i, seed=4, split="test", config=world) for i in range(5)]
+    budgets = tasks.Budgets(112 * 112, 112 * 112, 112 * 112, box_grid=56)
+    shapes = Shapes(seq_len=640, prompt_patches=64, crop_patches=132, max_crops=1)
+    score = lambda params, traj: -traj.loss_mask.sum(1)  # noqa: E731
+    out = ev.perception_probe(score, None, scenes, tok, budgets, shapes, batch=8, put=lambda t: t)
+
+    n_tokens = lambda text: len(tok.encode(text, add_special_tokens=False))  # noqa: E731
+    def expected(candidates, right):  # first shortest wins, as argmax does
+        lengths = [n_tokens(c) for c in candidates]
+        return candidates[int(np.argmin(lengths))] == right
+    options = np.mean([expected(s["options"], s["answer"]) for s in scenes])
+    boxes = []
+    for s in scenes:
+        cands = sorted({tuple(tasks.zoom_box(o["box"], budgets, 448)) for o in s["objects"] if o["size"] == "small"})
+        texts = [json.dumps({"bbox_2d": [round(v) for v in b]}) for b in cands]
+        right = json.dumps({"bbox_2d": [round(v) for v in tasks.zoom_box(s["target_box"], budgets, 448)]})
+        boxes.append(expected(texts, right))
+    assert out["no_crop"] == out["gt_crop"] == options
+    assert out["grounding"] == np.mean(boxes)
+    assert out["chance"] == 0.25 and 1 / 6 <= out["grounding_chance"] <= 1 / 4

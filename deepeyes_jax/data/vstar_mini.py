@@ -35,6 +35,10 @@ class WorldConfig:
     kinds: tuple[str, ...] = HARD_KINDS + EASY_KINDS
     margin: int = 6  # px kept free around the large object and inside cell borders
     letter_stroke: float = 1 / 8  # letter stroke width / tile side (>= 3 px)
+    # > 0: a grey background whose red channel rises by this much from left to right and blue channel
+    # from top to bottom, like uneven lighting. Qwen2.5-VL has no absolute position embedding; the tint
+    # makes an image token's position linearly readable from its features (README: V*-mini diagnosis).
+    position_tint: int = 0
 
     def __post_init__(self):
         unknown = [k for k in self.kinds if k not in HARD_KINDS + EASY_KINDS]
@@ -99,14 +103,22 @@ def _luma(name: str) -> float:
     return 0.299 * r + 0.587 * g + 0.114 * b
 
 
-def _background(rng, size: int) -> np.ndarray:
+def _background(rng, size: int, tint: int) -> np.ndarray:
     # Smooth greyish colour blobs + mild grey grain, kept in 90..170 so saturated objects stand out. The
-    # grain is 2x2 px: per-pixel RGB noise made the stored PNGs ~300 KB and 3x slower to encode.
+    # grain is 2x2 px: per-pixel RGB noise made the stored PNGs ~300 KB and 3x slower to encode. With a
+    # position tint the blobs are pure grey, so the red-green and blue-green differences are the tint.
     coarse = rng.uniform(100, 160, (5, 5, 3))
-    coarse = 0.4 * coarse + 0.6 * coarse.mean(-1, keepdims=True)  # desaturate
+    coarse = 0.4 * coarse + 0.6 * coarse.mean(-1, keepdims=True) if not tint else coarse.mean(-1, keepdims=True)
+    coarse = np.broadcast_to(coarse, (5, 5, 3))
     smooth = np.asarray(Image.fromarray(coarse.astype(np.uint8)).resize((size, size), Image.BILINEAR), np.int16)
     grain = rng.integers(-6, 7, ((size + 1) // 2, (size + 1) // 2, 1), dtype=np.int16).repeat(2, 0).repeat(2, 1)
-    return np.clip(smooth + grain[:size, :size], 90, 170).astype(np.uint8)
+    out = smooth + grain[:size, :size]
+    if not tint:
+        return np.clip(out, 90, 170).astype(np.uint8)
+    ramp = np.round(np.linspace(-tint / 2, tint / 2, size)).astype(np.int16)
+    out[..., 0] += ramp[None, :]
+    out[..., 2] += ramp[:, None]
+    return np.clip(out, 90 - tint // 2, 170 + tint // 2).astype(np.uint8)
 
 
 def _draw(draw: ImageDraw.ImageDraw, o: dict, stroke: float) -> None:
@@ -150,7 +162,7 @@ def make_scene(index: int, *, seed: int, split: str, config: WorldConfig = World
     objects list[dict] (objects[0] is the large one; box ints, exclusive end), target_ids list[int],
     data_source "vstar")."""
     cfg, rng = config, np.random.default_rng([seed, SPLIT_IDS[split], index])
-    image = _background(rng, cfg.size)
+    image = _background(rng, cfg.size, cfg.position_tint)
     hard_kinds = [k for k in HARD_KINDS if k in cfg.kinds]
     easy_kinds = [k for k in EASY_KINDS if k in cfg.kinds]
     hard = bool(rng.random() < cfg.hard_fraction and hard_kinds) or not easy_kinds

@@ -8,16 +8,20 @@ From V*-mini training scenes, each example is one of (`TASKS`):
   closeup     a tool-like crop around small target(s) as the only image + a hard question -> answer
   second      scene + easy question -> answer; then a user turn with a crop + hard question -> answer
               (reading a SECOND image of the conversation)
-  grounding   scene + "Where is the small X?" -> answer {"bbox_2d": [...]} (the tight box)
+  observed    scene + hard question -> (context, not trained: an answer with a random option); then the
+              tool's observation of a crop around the target -> the answer read from the crop
+              (a tool_response turn, and answering the first question from it)
+  grounding   scene + "Where is the small X?" -> answer {"bbox_2d": [...]} (the box one zooms on)
   tool_call   scene + a question + "Zoom in on X first." -> a tool call in the system prompt's format
-No example contains a tool call followed by an answer: that zooming pays off on hard questions (and
-how to answer from the crop) is what RL has to discover.
+No example contains a tool call followed by anything: that zooming pays off on hard questions is
+what RL has to discover.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 
@@ -26,7 +30,7 @@ from deepeyes_jax.data.tokenizer import COMPACT_SYSTEM_PROMPT, SYSTEM_PROMPT, US
 from deepeyes_jax.rollout.inputs import prompt_parts
 from deepeyes_jax.sft.conversation import Image, Reply, Text
 
-TASKS = ("scene", "easy", "closeup", "second", "grounding", "tool_call")
+TASKS = ("scene", "easy", "closeup", "second", "observed", "grounding", "tool_call")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +40,9 @@ class Budgets:
     crop_min_pixels: int
     crop_max_pixels: int
     tool_pad: int = 16  # the tool-call box is the target box grown by this much (boxes need sides > 30 px)
+    # > 0: boxes (tool calls, grounding answers) are the target box snapped outward to this grid instead:
+    # only a few coordinate values to learn, and the box always contains the target.
+    box_grid: int = 0
     system_prompt: str = SYSTEM_PROMPT
     tool_prior: float = 0.1  # "scene" task: fraction of questions met with a tool call
     kinds: tuple = vstar_mini.HARD_KINDS + vstar_mini.EASY_KINDS  # question kinds the tasks may ask
@@ -55,6 +62,28 @@ def answer(think: str, text: str) -> str:
 def tool_call(think: str, box) -> str:
     call = {"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [int(round(v)) for v in box]}}
     return f"<think>{think}</think>\n<tool_call>\n{json.dumps(call)}\n</tool_call>"
+
+
+def zoom_box(box, budgets: Budgets, size: int) -> list[float]:
+    """The box to zoom on (and to answer "where is X?" with) for target box `box` on a size x size image."""
+    if not budgets.box_grid:
+        return vstar_mini.crop_box(box, pad=budgets.tool_pad, size=size)
+    g = budgets.box_grid
+    return [float(g * math.floor(box[0] / g)), float(g * math.floor(box[1] / g)),
+            float(min(size, g * math.ceil(box[2] / g))), float(min(size, g * math.ceil(box[3] / g)))]
+
+
+def observation(crop, budgets: Budgets) -> list:
+    """The zoom tool's observation turn showing `crop` (uint8[h, w, 3]), as the rollout templates it."""
+    return [Text("\n<|im_start|>user\n<tool_response>"),
+            Image(crop, budgets.crop_min_pixels, budgets.crop_max_pixels),
+            Text(f"{USER_PROMPT}</tool_response><|im_end|>\n<|im_start|>assistant\n")]
+
+
+def cut(image, box) -> np.ndarray:
+    """image[box] for a float [x1, y1, x2, y2] box (rounded), as the tool crops the original image."""
+    x1, y1, x2, y2 = (int(round(v)) for v in box)
+    return image[y1:y2, x1:x2]
 
 
 def target_name(scene: dict, target_ids) -> str:
@@ -94,10 +123,8 @@ def _crop(scene, target_ids, rng, size):
     box = _union([scene["objects"][i]["box"] for i in target_ids])
     pad = float(rng.uniform(8, 32))
     shift = rng.uniform(-pad / 2, pad / 2, size=2)
-    box = vstar_mini.crop_box([box[0] + shift[0], box[1] + shift[1], box[2] + shift[0], box[3] + shift[1]],
-                              pad=pad, size=size)
-    x1, y1, x2, y2 = (int(round(v)) for v in box)
-    return scene["image"][y1:y2, x1:x2]
+    return cut(scene["image"], vstar_mini.crop_box(
+        [box[0] + shift[0], box[1] + shift[1], box[2] + shift[0], box[3] + shift[1]], pad=pad, size=size))
 
 
 def example(scene: dict, task: str, rng, budgets: Budgets) -> list:
@@ -117,7 +144,7 @@ def example(scene: dict, task: str, rng, budgets: Budgets) -> list:
         name = target_name(scene, scene["target_ids"])
         segs = prompt(scene["image"], scene["question"], budgets)
         if rng.random() < budgets.tool_prior:
-            box = vstar_mini.crop_box(scene["target_box"], pad=budgets.tool_pad, size=size)
+            box = zoom_box(scene["target_box"], budgets, size)
             return segs + [Reply(tool_call(f"I need a closer look at {name}.", box))]
         return segs + [Reply(answer(f"{name.capitalize()} is clearly visible.", scene["answer"]))]
     if task == "easy":
@@ -136,10 +163,16 @@ def example(scene: dict, task: str, rng, budgets: Budgets) -> list:
         return segs + [reply, Text("\n<|im_start|>user\n"), crop,
                        Text(f"\n{hard_q}{USER_PROMPT}<|im_end|>\n<|im_start|>assistant\n"), seen]
     box = _union([objs[i]["box"] for i in ids])
+    if task == "observed":
+        # The crop the tool returns for the zoom box, or (half the time) a jittered one; the first answer
+        # is context only, so what is learned is to answer the first question from the observed crop.
+        view = cut(scene["image"], zoom_box(box, budgets, size)) if rng.random() < 0.5 else crop.image
+        guess = Text(answer(f"{name.capitalize()} is small here.", opts[int(rng.integers(len(opts)))]) + "<|im_end|>")
+        return prompt(scene["image"], hard_q, budgets) + [guess] + observation(view, budgets) + [seen]
     if task == "grounding":
         q = f"Where is {name}? Answer with its bounding box."
-        tight = json.dumps({"bbox_2d": [int(round(v)) for v in box]})
-        return prompt(scene["image"], q, budgets) + [Reply(answer(f"I can see {name}.", tight))]
+        where = json.dumps({"bbox_2d": [int(round(v)) for v in zoom_box(box, budgets, size)]})
+        return prompt(scene["image"], q, budgets) + [Reply(answer(f"I can see {name}.", where))]
     if task == "tool_call":
         # Asked to zoom, alongside a question about the same object (a quarter of the time the large one,
         # so looking is not tied to small objects here); the answer after the zoom is never shown.
@@ -148,7 +181,7 @@ def example(scene: dict, task: str, rng, budgets: Budgets) -> list:
             (q, opts, _), ids = vstar_mini.question_for(objs, large, easy_kind, rng), large
             name, box = target_name(scene, large), objs[large[0]]["box"]
         ask = f"{vstar_mini.format_question(q, opts)}Zoom in on {name} first."
-        zoom = vstar_mini.crop_box(box, pad=budgets.tool_pad, size=size)
+        zoom = zoom_box(box, budgets, size)
         return prompt(scene["image"], ask, budgets) + [Reply(tool_call(f"I need a closer look at {name}.", zoom))]
     raise ValueError(f"unknown SFT task {task!r}; choose from {TASKS}")
 
@@ -161,7 +194,7 @@ def corpus(seed: int = 0) -> list[str]:
     for i in range(200):
         scene = vstar_mini.make_scene(i, seed=seed, split="train", config=world)
         lines.append(scene["question"])
-        for task in ("easy", "closeup", "grounding", "tool_call"):
+        for task in ("easy", "closeup", "observed", "grounding", "tool_call"):
             for seg in example(scene, task, rng, Budgets(112 * 112, 112 * 112, 112 * 112)):
                 if isinstance(seg, (Text, Reply)):
                     lines.append(seg.text)

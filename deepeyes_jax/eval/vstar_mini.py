@@ -11,16 +11,17 @@ zoom), response_length, answered (the trajectory ended with an <answer>).
 
 from __future__ import annotations
 
+import json
 import math
 
 import jax
 import numpy as np
 
 from deepeyes_jax.data import image_processing as ip
-from deepeyes_jax.data import vstar_mini, vstar_mini_sft as tasks
-from deepeyes_jax.sft.conversation import Image, Reply, Text, pack
+from deepeyes_jax.data import vstar_mini_sft as tasks
 from deepeyes_jax.rollout import config as rc
 from deepeyes_jax.rollout import tools
+from deepeyes_jax.sft.conversation import Reply, Text, pack
 
 GROUPS = ("hard", "easy")
 METRICS = ("accuracy", "tool_call_rate", "zooms_per_trajectory", "grounding_iou", "response_length", "answered")
@@ -106,40 +107,43 @@ def turns_of(traj, row: int, tokenizer) -> list[dict]:
 
 
 def perception_probe(score, params, scenes, tokenizer, budgets: tasks.Budgets, shapes, *, batch: int, put) -> dict:
-    """Option accuracy on hard questions, answering right away vs after the ground-truth zoom.
+    """Multiple-choice abilities of a model on hard scenes, by teacher-forced scoring (`sft.step.make_scorer`):
+    the highest-scoring candidate reply is the model's choice.
 
-    For every scene and option, the reply "<think>..</think> <answer>option</answer>" is scored by
-    teacher forcing (`sft.step.make_scorer`) after (a) the prompt alone and (b) the prompt, a tool call
-    on the target box grown by `budgets.tool_pad` and the tool's observation of that crop; the
-    highest-scoring option is the model's choice. -> {"no_crop": acc, "gt_crop": acc, "chance": mean 1/options}.
+      no_crop    each option's answer right after the prompt
+      gt_crop    each option's answer after a tool call on the target's zoom box (`tasks.zoom_box`) and
+                 the tool's observation of that crop
+      grounding  "Where is X?" answered with the zoom box of each small object in the scene
+    -> {name: accuracy, "chance": mean 1/options, "grounding_chance": mean 1/candidate boxes}.
     """
-    convs, owners = {"no_crop": [], "gt_crop": []}, []
+    rows = {"no_crop": [], "gt_crop": [], "grounding": []}  # (scene, conversation, right)
+    size = scenes[0]["image"].shape[0] if scenes else 0
     for k, sc in enumerate(scenes):
         name = tasks.target_name(sc, sc["target_ids"])
-        box = vstar_mini.crop_box(sc["target_box"], pad=budgets.tool_pad, size=sc["image"].shape[0])
-        x1, y1, x2, y2 = (int(round(v)) for v in box)
+        box = tasks.zoom_box(sc["target_box"], budgets, size)
         head = tasks.prompt(sc["image"], sc["question"], budgets)
         zoom = head + [Text(tasks.tool_call(f"I need a closer look at {name}.", box) + "<|im_end|>"),
-                       Text("\n<|im_start|>user\n<tool_response>"),
-                       Image(sc["image"][y1:y2, x1:x2], budgets.crop_min_pixels, budgets.crop_max_pixels),
-                       Text(f"{tasks.USER_PROMPT}</tool_response><|im_end|>\n<|im_start|>assistant\n")]
+                       *tasks.observation(tasks.cut(sc["image"], box), budgets)]
         for option in sc["options"]:
             reply = Reply(tasks.answer(f"{name.capitalize()} is clearly visible.", option))
-            convs["no_crop"].append(head + [reply])
-            convs["gt_crop"].append(zoom + [reply])
-            owners.append(k)
-    owners = np.array(owners)
-    out = {"chance": float(np.mean([1 / len(sc["options"]) for sc in scenes]))}
-    for name, rows in convs.items():
+            rows["no_crop"].append((k, head + [reply], option == sc["answer"]))
+            rows["gt_crop"].append((k, zoom + [reply], option == sc["answer"]))
+        where = tasks.prompt(sc["image"], f"Where is {name}? Answer with its bounding box.", budgets)
+        boxes = {tuple(tasks.zoom_box(o["box"], budgets, size)) for o in sc["objects"] if o["size"] == "small"}
+        boxes.add(tuple(box))
+        for b in sorted(boxes):
+            reply = tasks.answer(f"I can see {name}.", json.dumps({"bbox_2d": [round(v) for v in b]}))
+            rows["grounding"].append((k, where + [Reply(reply)], list(b) == box))
+    out = {"chance": float(np.mean([1 / len(sc["options"]) for sc in scenes])),
+           "grounding_chance": float(np.mean([1 / sum(r[0] == k for r in rows["grounding"])
+                                              for k in range(len(scenes))]))}
+    for family, items in rows.items():
         logp = []
-        for i in range(0, len(rows), batch):
-            chunk = rows[i:i + batch]
+        for i in range(0, len(items), batch):
+            chunk = [conv for _, conv, _ in items[i:i + batch]]
             traj = pack(tokenizer, chunk + [chunk[-1]] * (batch - len(chunk)), shapes)
             logp.append(np.asarray(jax.device_get(score(params, put(traj))))[:len(chunk)])
-        logp = np.concatenate(logp)
-        right = []
-        for k, sc in enumerate(scenes):
-            mine = logp[owners == k]
-            right.append(sc["options"][int(np.argmax(mine))] == sc["answer"])
-        out[name] = float(np.mean(right))
+        logp, owner = np.concatenate(logp), np.array([k for k, _, _ in items])
+        right = np.array([r for _, _, r in items])
+        out[family] = float(np.mean([right[owner == k][np.argmax(logp[owner == k])] for k in range(len(scenes))]))
     return out

@@ -37,7 +37,9 @@ def system_prompt(cfg) -> str:
 
 def world(cfg) -> vstar_mini.WorldConfig:
     return vstar_mini.WorldConfig(size=cfg.data.image_size, hard_fraction=cfg.data.hard_fraction,
-                                  kinds=tuple(cfg.data.kinds), letter_stroke=cfg.data.letter_stroke)
+                                  kinds=tuple(cfg.data.kinds), letter_stroke=cfg.data.letter_stroke,
+                                  position_tint=cfg.data.position_tint, small_size=tuple(cfg.data.small_size),
+                                  num_small=tuple(cfg.data.num_small))
 
 
 def load_data(cfg, *, test_seed: int | None = None) -> dict:
@@ -55,7 +57,7 @@ def load_data(cfg, *, test_seed: int | None = None) -> dict:
 def budgets(cfg) -> Budgets:
     return Budgets(scene_max_pixels=cfg.data.scene_max_pixels, crop_min_pixels=cfg.rollout.crop_min_pixels,
                    crop_max_pixels=cfg.rollout.crop_max_pixels, system_prompt=system_prompt(cfg),
-                   tool_prior=cfg.sft.tool_prior, kinds=tuple(cfg.data.kinds))
+                   tool_prior=cfg.sft.tool_prior, box_grid=cfg.sft.box_grid, kinds=tuple(cfg.data.kinds))
 
 
 def crop_spec(cfg) -> CropSpec:

@@ -76,6 +76,7 @@ class ModelConfig:
     video_token_id: int = 151656
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
+    eos_token_id: int = 151645  # <|im_end|>: where generation (ours, transformers', vLLM's) stops
     # Runtime choices, not part of the checkpoint.
     param_dtype: Any = jnp.float32
     dtype: Any = jnp.float32  # compute dtype
@@ -163,6 +164,7 @@ class ModelConfig:
             video_token_id=d.get("video_token_id", 151656),
             vision_start_token_id=d.get("vision_start_token_id", 151652),
             vision_end_token_id=d.get("vision_end_token_id", 151653),
+            eos_token_id=_single_id(text_d.get("eos_token_id"), 151645),
             **runtime,
         )
 
@@ -189,6 +191,7 @@ class ModelConfig:
             rope_parameters=dict(rope_type="default", rope_theta=t.rope_theta, mrope_section=list(t.mrope_section)),
             tie_word_embeddings=self.tie_word_embeddings,
             bos_token_id=None,
+            eos_token_id=self.eos_token_id,
         )
         vision = dict(
             model_type="qwen2_5_vl_vision",
@@ -217,9 +220,17 @@ class ModelConfig:
             video_token_id=self.video_token_id,
             vision_start_token_id=self.vision_start_token_id,
             vision_end_token_id=self.vision_end_token_id,
+            eos_token_id=self.eos_token_id,
             dtype=jnp.dtype(self.param_dtype).name,
         )
 
     def save_json(self, directory: str) -> None:
         with open(os.path.join(directory, "config.json"), "w") as f:
             json.dump(self.to_hf_dict(), f, indent=2)
+
+
+def _single_id(value, default: int) -> int:
+    """config.json's eos_token_id may be absent, null, an int or a list of ints (the first one stops)."""
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    return default if value is None else int(value)

@@ -65,4 +65,5 @@ def for_tokenizer(config: ModelConfig, tokenizer) -> ModelConfig:
     ids = tokenizer.convert_tokens_to_ids
     text = dataclasses.replace(config.text, vocab_size=-(-len(tokenizer) // 64) * 64)
     return config.replace(text=text, image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-                          vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+                          vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+                          eos_token_id=ids("<|im_end|>"))
