@@ -4,6 +4,7 @@ export, `launch.eval`); killed (SIGTERM, SIGKILL) and resumed runs reproduce an 
 metrics; a corrupt latest checkpoint falls back to the previous one."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -80,7 +81,7 @@ def test_every_stage_leaves_its_output(reference, shared):
     for key in ("hard/accuracy", "easy/tool_call_rate", "probe/no_crop", "probe/gt_crop", "probe/chance",
                 "probe/grounding", "probe/grounding_chance", "probe/small_object_accuracy"):
         assert 0 <= before[key] <= 1, key
-    assert before["probe/position_r2"] <= 1 and before["probe/small_object_majority"] >= 0.5
+    assert math.isfinite(before["probe/position_r2"])  # the read-out's R^2 (NaN if a grid axis were constant)
     assert before["sft"]["steps"] == 4 and before["sft"]["history"][-1]["loss"] > 0
     after = json.load(open(os.path.join(workdir, "eval_after.json")))
     assert set(after) == {k for k in before if "/" in k and not k.startswith("probe/")}

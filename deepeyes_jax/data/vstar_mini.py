@@ -108,8 +108,8 @@ def _background(rng, size: int, tint: int) -> np.ndarray:
     # grain is 2x2 px: per-pixel RGB noise made the stored PNGs ~300 KB and 3x slower to encode. With a
     # position tint the blobs are pure grey, so the red-green and blue-green differences are the tint.
     coarse = rng.uniform(100, 160, (5, 5, 3))
-    coarse = 0.4 * coarse + 0.6 * coarse.mean(-1, keepdims=True) if not tint else coarse.mean(-1, keepdims=True)
-    coarse = np.broadcast_to(coarse, (5, 5, 3))
+    grey = np.repeat(coarse.mean(-1, keepdims=True), 3, axis=-1)
+    coarse = grey if tint else 0.4 * coarse + 0.6 * grey  # desaturated, or pure grey under a tint
     smooth = np.asarray(Image.fromarray(coarse.astype(np.uint8)).resize((size, size), Image.BILINEAR), np.int16)
     grain = rng.integers(-6, 7, ((size + 1) // 2, (size + 1) // 2, 1), dtype=np.int16).repeat(2, 0).repeat(2, 1)
     out = smooth + grain[:size, :size]

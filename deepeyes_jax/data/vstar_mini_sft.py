@@ -86,6 +86,13 @@ def cut(image, box) -> np.ndarray:
     return image[y1:y2, x1:x2]
 
 
+def grounding(image, name: str, box, budgets: Budgets) -> list:
+    """"Where is <name>?" about `image`, answered with `box` (the answer is the trained reply)."""
+    where = json.dumps({"bbox_2d": [round(v) for v in box]})
+    q = f"Where is {name}? Answer with its bounding box."
+    return prompt(image, q, budgets) + [Reply(answer(f"I can see {name}.", where))]
+
+
 def target_name(scene: dict, target_ids) -> str:
     """'the small red tile' / 'the small red objects' / 'the small red object' / 'the large object'."""
     objs = [scene["objects"][i] for i in target_ids]
@@ -170,9 +177,7 @@ def example(scene: dict, task: str, rng, budgets: Budgets) -> list:
         guess = Text(answer(f"{name.capitalize()} is small here.", opts[int(rng.integers(len(opts)))]) + "<|im_end|>")
         return prompt(scene["image"], hard_q, budgets) + [guess] + observation(view, budgets) + [seen]
     if task == "grounding":
-        q = f"Where is {name}? Answer with its bounding box."
-        where = json.dumps({"bbox_2d": [int(round(v)) for v in zoom_box(box, budgets, size)]})
-        return prompt(scene["image"], q, budgets) + [Reply(answer(f"I can see {name}.", where))]
+        return grounding(scene["image"], name, zoom_box(box, budgets, size), budgets)
     if task == "tool_call":
         # Asked to zoom, alongside a question about the same object (a quarter of the time the large one,
         # so looking is not tied to small objects here); the answer after the zoom is never shown.

@@ -11,7 +11,6 @@ zoom), response_length, answered (the trajectory ended with an <answer>).
 
 from __future__ import annotations
 
-import json
 import math
 
 import jax
@@ -128,12 +127,10 @@ def perception_probe(score, params, scenes, tokenizer, budgets: tasks.Budgets, s
             reply = Reply(tasks.answer(f"{name.capitalize()} is clearly visible.", option))
             rows["no_crop"].append((k, head + [reply], option == sc["answer"]))
             rows["gt_crop"].append((k, zoom + [reply], option == sc["answer"]))
-        where = tasks.prompt(sc["image"], f"Where is {name}? Answer with its bounding box.", budgets)
         boxes = {tuple(tasks.zoom_box(o["box"], budgets, size)) for o in sc["objects"] if o["size"] == "small"}
         boxes.add(tuple(box))
         for b in sorted(boxes):
-            reply = tasks.answer(f"I can see {name}.", json.dumps({"bbox_2d": [round(v) for v in b]}))
-            rows["grounding"].append((k, where + [Reply(reply)], list(b) == box))
+            rows["grounding"].append((k, tasks.grounding(sc["image"], name, b, budgets), list(b) == box))
     out = {"chance": float(np.mean([1 / len(sc["options"]) for sc in scenes])),
            "grounding_chance": float(np.mean([1 / sum(r[0] == k for r in rows["grounding"])
                                               for k in range(len(scenes))]))}
