@@ -169,3 +169,15 @@ def _targets(scene, large=False):
             by_colour.setdefault(o["colour"], []).append(o["box"])
     return [[min(b[0] for b in bs), min(b[1] for b in bs), max(b[2] for b in bs), max(b[3] for b in bs)]
             for bs in by_colour.values()]
+
+
+def test_sft_batches_skip_a_bad_example_but_stop_on_settings_that_fit_nothing(tokenizer, scenes):
+    from deepeyes_jax.sft.base_model import _batches
+    args = dict(batch=4, seed=0, steps=1)
+    # "second" needs a crop slot; with none, only "easy" examples fit: the misfits are counted and replaced.
+    no_crops = SHAPES._replace(max_crops=0)
+    traj, skipped = next(_batches(scenes, tokenizer, BUDGETS, no_crops, weights={"easy": 1, "second": 1}, **args))
+    assert traj.tokens.shape == (4, SHAPES.seq_len) and skipped > 0
+    with pytest.raises(ValueError, match=r"in a row could not be made \(check sft.seq_len.*train record \d+: row 0: \d+ tokens"):
+        next(_batches(scenes, tokenizer, BUDGETS, SHAPES._replace(seq_len=64), weights={"easy": 1},
+                      max_failures=5, **args))

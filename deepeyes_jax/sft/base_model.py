@@ -33,11 +33,12 @@ from deepeyes_jax.sft.step import make_sft_step
 REPORT = "sft_report.json"
 
 
-def _batches(source, tokenizer, budgets, shapes, *, batch, weights, seed, steps):
+def _batches(source, tokenizer, budgets, shapes, *, batch, weights, seed, steps, max_failures=200):
     """Packed SFT batches, produced by a background thread one step ahead of the device.
 
     An example that cannot be made (no target of the asked kinds) or does not fit `shapes` is logged,
-    counted and replaced.
+    counted and replaced; `max_failures` failures in a row mean the settings (not a record) are at fault,
+    and raise a ValueError naming the last one.
     """
     names = list(weights)
     p = np.array([weights[n] for n in names], np.float64)
@@ -49,14 +50,19 @@ def _batches(source, tokenizer, budgets, shapes, *, batch, weights, seed, steps)
         rng = np.random.default_rng(seed)
         try:
             for _ in range(steps):
-                rows = []
+                rows, failures = [], 0
                 while len(rows) < batch:
                     index, task = int(rng.integers(len(source))), names[int(rng.choice(len(names), p=p))]
                     try:
                         rows.append(pack(tokenizer, [tasks.example(source[index], task, rng, budgets)], shapes))
+                        failures = 0
                     except ValueError as e:
                         skipped[0] += 1
+                        failures += 1
                         logging.warning("SFT: skipping %s example of train record %d: %s", task, index, e)
+                        if failures >= max_failures:
+                            raise ValueError(f"SFT: {failures} examples in a row could not be made (check sft.seq_len "
+                                             f"and data.kinds); the last, {task} of train record {index}: {e}") from e
                 out.put(concat(rows))
         except Exception as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
             out.put(e)
