@@ -26,7 +26,7 @@ class _Server:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, *args):
-                pass
+                """Silenced: the default handler writes a line per request to stderr."""
 
             def _send(self, code, payload: bytes):
                 self.send_response(code)

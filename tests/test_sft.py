@@ -20,6 +20,7 @@ from deepeyes_jax.models.qwen2_5_vl.presets import for_tokenizer
 from deepeyes_jax.rollout import tools
 from deepeyes_jax.rollout.config import make_templates
 from deepeyes_jax.rollout.inputs import make_batch
+from deepeyes_jax.sft.base_model import _batches
 from deepeyes_jax.sft.conversation import Ids, Image, Reply, Shapes, Text, pack
 from deepeyes_jax.sft.step import make_scorer, make_sft_step
 
@@ -172,7 +173,6 @@ def _targets(scene, large=False):
 
 
 def test_sft_batches_skip_a_bad_example_but_stop_on_settings_that_fit_nothing(tokenizer, scenes):
-    from deepeyes_jax.sft.base_model import _batches
     args = dict(batch=4, seed=0, steps=1)
     # "second" needs a crop slot; with none, only "easy" examples fit: the misfits are counted and replaced.
     no_crops = SHAPES._replace(max_crops=0)
