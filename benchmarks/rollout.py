@@ -5,7 +5,7 @@
 (a) decode: our single-turn rollout vs transformers `generate` on the same tiny Qwen2.5-VL
     (4.9M parameters: text 256 wide, 4 layers; vision depth 2), batch, 101-token prompt with a
     64-token image, and number of new tokens (no early stop on either side), greedy and sampled.
-(b) zoom: a multi-turn zoom rollout (the scripted policy of tests/scripted.py, a tiny model fitted to
+(b) zoom: a multi-turn zoom rollout (the scripted policy of deepeyes_jax/testing/scripted.py, a tiny model fitted to
     zoom/zoom/answer trajectories) vs a host loop doing what DeepEyes does each turn: generate a turn
     with transformers, decode the text, parse it with json (DeepEyes' rules), crop with PIL,
     preprocess with the Hugging Face image processor, and re-prefill the whole context.
@@ -21,7 +21,6 @@ import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
 import dataclasses  # noqa: E402
 
@@ -30,6 +29,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from benchmarks.timing import median_seconds  # noqa: E402
+from deepeyes_jax.testing import scripted  # noqa: E402
 
 flags.DEFINE_integer("batch", 8, "Rows per batch.")
 flags.DEFINE_integer("new_tokens", 128, "Tokens generated per row in the decode benchmark.")
@@ -46,25 +46,18 @@ def _peak_mb():
 
 def _decode_setup(workdir):
     """A 4.9M-parameter model saved in the HF layout, plus the 101-token prompt batch."""
-    from flax import nnx
-
     from deepeyes_jax.data import image_processing
     from deepeyes_jax.data.tokenizer import build_tokenizer
-    from deepeyes_jax.models.qwen2_5_vl import ModelConfig, Qwen2_5_VL, TextConfig, VisionConfig, save_pretrained
+    from deepeyes_jax.models.qwen2_5_vl import save_pretrained
     from deepeyes_jax.rollout.inputs import RolloutBatch
+    from deepeyes_jax.testing.factory import tiny_model
 
     tok = build_tokenizer(vocab_size=2048 - 16)
-    ids = tok.convert_tokens_to_ids
-    cfg = ModelConfig(
-        text=TextConfig(vocab_size=2048, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                        num_attention_heads=4, num_key_value_heads=2, mrope_section=(8, 12, 12)),
-        vision=VisionConfig(depth=2, hidden_size=128, intermediate_size=512, num_heads=2, out_hidden_size=256,
-                            fullatt_block_indexes=(1,)),
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    model = tiny_model(tok, width=256, layers=4, vision_width=128)  # 4.9M parameters
+    cfg = model.config
     path = os.path.join(workdir, "decode")
     if not os.path.exists(os.path.join(path, "config.json")):
-        save_pretrained(Qwen2_5_VL(cfg, rngs=nnx.Rngs(0)), path)
+        save_pretrained(model, path)
     rng = np.random.default_rng(0)
     b = FLAGS.batch
     pv, grid = image_processing.preprocess_image(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8))
@@ -126,8 +119,6 @@ def _hf_decode(path, batch, image_token_id, sample, repeats=3):
 
 
 def _zoom_setup(workdir):
-    import scripted
-
     from deepeyes_jax.models.qwen2_5_vl import save_pretrained
     path = os.path.join(workdir, "zoom")
     if not os.path.exists(os.path.join(path, "config.json")):
@@ -135,21 +126,16 @@ def _zoom_setup(workdir):
         save_pretrained(model, path)
     else:
         setup = scripted.Setup()
-    rows = [r % len(scripted.SCRIPTS) for r in range(FLAGS.batch)]
-    from deepeyes_jax.rollout.inputs import make_batch
-    batch = make_batch(setup.tokenizer, [scripted.SCRIPTS[r][0] for r in rows], [setup.images[r] for r in rows],
-                       prompt_len=448, num_patches=192, image_hw=scripted.IMAGE_HW, max_pixels=scripted.PROMPT_PIXELS)
-    return setup, path, batch
+    return setup, path, setup.make_batch([r % len(scripted.SCRIPTS) for r in range(FLAGS.batch)])
 
 
 def _hf_zoom(setup, path, batch):
     """DeepEyes' agent loop on the host: per turn generate, decode, json-parse, PIL crop, re-prefill."""
     import PIL.Image
-    from test_tools import reference
     from transformers import Qwen2VLImageProcessorPil
 
-    import scripted
     from deepeyes_jax.rollout import tools
+    from deepeyes_jax.testing.deepeyes_parse import reference
     model = _hf_model(path)
     processor = Qwen2VLImageProcessorPil(min_pixels=scripted.CROP_MIN, max_pixels=scripted.CROP_MAX)
     tok, tpl, cfg = setup.tokenizer, setup.templates, setup.config

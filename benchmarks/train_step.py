@@ -5,26 +5,25 @@
 The step is one program; the rollout part is timed as the same rollout compiled alone, the update is
 the rest. FLOPs come from XLA's cost analysis of the two compiled programs; the peak is the best of a
 few fp32 2048^3 matmuls measured in the same run. Uses the scripted multi-turn zoom policy of
-tests/scripted.py (a tiny model, so the fraction of peak is low: the point is the split and the trend).
+deepeyes_jax/testing/scripted.py (a tiny model, so the fraction of peak is low: the point is the split and the trend).
 """
 
 import os
-import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-import scripted  # noqa: E402
 from benchmarks.timing import median_seconds  # noqa: E402
 from deepeyes_jax.rl.grpo import GRPOConfig  # noqa: E402
 from deepeyes_jax.rl.rewards import SOURCE_TOOL  # noqa: E402
-from deepeyes_jax.rl.train_step import TrainBatch, TrainConfig, make_optimizer, make_train_step  # noqa: E402
+from deepeyes_jax.rl.train_step import (ActorConfig, TrainBatch, TrainConfig, make_optimizer,  # noqa: E402
+                                        make_train_step)
 from deepeyes_jax.rollout.sampler import make_rollout  # noqa: E402
+from deepeyes_jax.testing import scripted  # noqa: E402
 
 flags.DEFINE_integer("group", 4, "Samples per prompt (3 prompts).")
 flags.DEFINE_integer("repeats", 3, "Timed runs (median).")
@@ -55,9 +54,11 @@ def main(argv):
     for i, r in enumerate(rows):
         gt[i, :1] = np.frombuffer(answers[r], np.uint8)
     batch = jax.device_put(TrainBatch(rollout_batch, gt, np.ones(len(rows), np.int32),
-                                      np.full(len(rows), SOURCE_TOOL, np.int32)))
+                                      np.full(len(rows), SOURCE_TOOL, np.int32), np.zeros((len(rows), 4), np.float32),
+                                      np.zeros(len(rows), bool)))
     rollout_cfg = setup.rollout_config(temperature=1.0)
-    config = TrainConfig(rollout=rollout_cfg, grpo=GRPOConfig(group_size=FLAGS.group), logprob_chunk=128)
+    config = TrainConfig(rollout=rollout_cfg, grpo=GRPOConfig(group_size=FLAGS.group),
+                         actor=ActorConfig(logprob_chunk=128))
 
     rollout, params = make_rollout(model, rollout_cfg, setup.templates, setup.table)
     key = jax.random.key(0)

@@ -118,3 +118,95 @@ class Sharder:
         if len(logical_axes) != x.ndim:
             raise ValueError(f"logical axes {tuple(logical_axes)} do not match array of shape {x.shape}")
         return jax.lax.with_sharding_constraint(x, self.sharding(logical_axes, x.shape))
+
+
+# --------------------------------------------------------------------------- batches on several hosts
+
+
+def row_sharding(mesh: Mesh, rules: AxisRules, shape: Sequence[int], axis: int = 0) -> NamedSharding:
+    """Rows (dimension `axis`) split like `activation_batch`, the other dimensions replicated."""
+    names = [None] * len(shape)
+    names[axis] = "activation_batch"
+    return NamedSharding(mesh, logical_to_spec(names, rules, mesh, shape))
+
+
+def process_rows(sharding: NamedSharding, shape: Sequence[int], axis: int = 0) -> tuple[int, int]:
+    """[lo, hi): the rows this process's devices hold under `sharding` (what it must supply)."""
+    spans = sorted({(s[axis].start or 0, shape[axis] if s[axis].stop is None else s[axis].stop)
+                    for s in sharding.addressable_devices_indices_map(tuple(shape)).values()})
+    lo, hi = spans[0][0], max(stop for _, stop in spans)
+    if sum(stop - start for start, stop in spans) != hi - lo:
+        raise ValueError(f"process {jax.process_index()} holds rows {spans} of {sharding}: not one contiguous "
+                         f"range (order the mesh devices by process along the row axes)")
+    return lo, hi
+
+
+def global_batch(tree, mesh: Mesh, rules: AxisRules, rows: int):
+    """Host arrays of this process's rows (`process_rows` of each leaf) -> global arrays sharded by rows.
+
+    Every leaf has rows on axis 0. On one process this is a plain sharded `device_put`."""
+    def put(x):
+        x = np.asarray(x)
+        shape = (rows, *x.shape[1:])
+        with jax.transfer_guard_host_to_device("allow"):
+            return jax.make_array_from_process_local_data(row_sharding(mesh, rules, shape), x, shape)
+    return jax.tree.map(put, tree)
+
+
+def host_rows(x: jax.Array, mesh: Mesh, rules: AxisRules, axis: int = 0) -> np.ndarray:
+    """This process's rows (`process_rows`) of a global array, on the host.
+
+    The array is first laid out by rows (a no-op when it already is), so only this host's rows, and
+    never another host's, are copied to it."""
+    target = row_sharding(mesh, rules, x.shape, axis)
+    if x.sharding != target:
+        x = jax.jit(lambda a: a, out_shardings=target)(x)
+    shards = {}
+    for s in x.addressable_shards:
+        shards.setdefault(s.index[axis].start or 0, s)
+    with jax.transfer_guard_device_to_host("allow"):
+        return np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)], axis=axis)
+
+
+def to_host(tree, mesh: Mesh):
+    """Small global arrays -> host numpy on every host (gathered to replicated first, since a host can only
+    read what its own devices hold)."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    tree = jax.jit(lambda t: t, out_shardings=replicated)(tree)
+    with jax.transfer_guard_device_to_host("allow"):
+        return jax.tree.map(np.asarray, tree)
+
+
+def key_name(k) -> str:
+    """A pytree path entry as a name (dict key, sequence index or attribute)."""
+    for attr in ("key", "idx", "name"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def state_shardings(abstract_state, params):
+    """Shardings for a state built from the parameters (optimizer moments, ...): a leaf whose tree path ends with a
+    parameter's path and has its shape gets that parameter's sharding; the others (step counts, scalars) are
+    replicated on the parameters' mesh. `params`: arrays or ShapeDtypeStructs with NamedShardings."""
+    by_path = {tuple(map(key_name, p)): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    mesh = next(x.sharding.mesh for x in by_path.values())
+    longest = max(map(len, by_path), default=0)
+
+    def pick(path, x):
+        names = tuple(map(key_name, path))
+        for n in range(min(len(names), longest), 0, -1):
+            p = by_path.get(names[-n:])
+            if p is not None and p.shape == x.shape:
+                return p.sharding
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_state)
+
+
+def init_on_mesh(init, params):
+    """`init(params)` (e.g. an optax init) laid out by `state_shardings` when the parameters are on a mesh, so
+    step counts are replicated there rather than left on one device."""
+    if not all(isinstance(getattr(x, "sharding", None), NamedSharding) for x in jax.tree.leaves(params)):
+        return jax.jit(init)(params)
+    return jax.jit(init, out_shardings=state_shardings(jax.eval_shape(init, params), params))(params)

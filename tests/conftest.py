@@ -1,7 +1,9 @@
 """Test session setup: 8 fake CPU devices, persistent compilation cache, no network.
 
 XLA_FLAGS must be set before jax is imported anywhere, which is why this lives in the
-root conftest (pytest imports it before any test module).
+root conftest (pytest imports it before any test module). pytest.ini runs the suite on 2
+xdist workers, a whole file per worker (module fixtures are built once); the longest files
+are handed out first so that neither worker is left with them at the end.
 """
 
 import os
@@ -23,3 +25,11 @@ jax.config.update(
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+LONGEST_FIRST = ("test_train_launcher.py", "test_train_step.py", "test_rollout.py", "test_generic_launcher.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))

@@ -99,3 +99,27 @@ def to_torch(x) -> torch.Tensor:
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().numpy()
+
+
+def save_qwen_sized_checkpoint(directory, seed: int = 0) -> str:
+    """A tiny random Qwen2.5-VL in the real checkpoint layout, written by transformers' own save_pretrained,
+    with Qwen2.5's vocabulary size and special-token ids and a Qwen-sized tokenizer (`testing.qwen_tokenizer`)."""
+    from deepeyes_jax.testing import qwen_tokenizer
+
+    tokenizer = qwen_tokenizer.build()
+    ids = tokenizer.convert_tokens_to_ids
+    config = transformers.Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=qwen_tokenizer.VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=32768,
+            bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[1]),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    torch.manual_seed(seed)
+    transformers.Qwen2_5_VLForConditionalGeneration(config).save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    return str(directory)

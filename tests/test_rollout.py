@@ -5,12 +5,12 @@ import jax
 import numpy as np
 import pytest
 
-import scripted
 from deepeyes_jax.models.qwen2_5_vl import mrope_position_ids
 from deepeyes_jax.models.qwen2_5_vl.model import jit_forward
 from deepeyes_jax.rollout import config as rc
 from deepeyes_jax.rollout import tools
 from deepeyes_jax.rollout.sampler import make_rollout
+from deepeyes_jax.testing import scripted
 
 # fp32 on both sides; the rollout attends over a KV cache, the reference over the whole
 # sequence at once, so only summation order differs.
@@ -147,13 +147,11 @@ def test_greedy_single_turn_equals_transformers_generate(tmp_path):
 def test_same_trajectories_on_a_device_mesh(fitted, tmp_path):
     """Batch sharded over data x fsdp, heads over tensor: the greedy rollout is unchanged."""
     from deepeyes_jax.models.qwen2_5_vl import from_pretrained, save_pretrained
-    from deepeyes_jax.rollout.inputs import make_batch
     from deepeyes_jax.sharding import make_mesh
 
     setup, model = fitted
     rows = [0, 1, 2, 0]
-    batch = make_batch(setup.tokenizer, [scripted.SCRIPTS[r][0] for r in rows], [setup.images[r] for r in rows],
-                       prompt_len=448, num_patches=192, image_hw=scripted.IMAGE_HW, max_pixels=scripted.PROMPT_PIXELS)
+    batch = setup.make_batch(rows)
     save_pretrained(model, str(tmp_path))
     sharded = from_pretrained(str(tmp_path), mesh=make_mesh((2, 2, 2)))
     assert sharded.model.layers[0].self_attn.q_proj.kernel[...].sharding.spec == jax.sharding.PartitionSpec(

@@ -11,20 +11,21 @@ import optax
 import pytest
 from flax import nnx
 
-from deepeyes_jax.data import vstar_mini
-from deepeyes_jax.data import vstar_mini_sft as tasks
+from deepeyes_jax.data import chat
 from deepeyes_jax.data.tokenizer import COMPACT_SYSTEM_PROMPT, build_tokenizer, default_corpus
-from deepeyes_jax.models.qwen2_5_vl import ModelConfig, Qwen2_5_VL, TextConfig, VisionConfig
 from deepeyes_jax.models.qwen2_5_vl.model import jit_forward
-from deepeyes_jax.models.qwen2_5_vl.presets import for_tokenizer
 from deepeyes_jax.rollout import tools
 from deepeyes_jax.rollout.config import make_templates
 from deepeyes_jax.rollout.inputs import make_batch
-from deepeyes_jax.sft.base_model import _batches
+from deepeyes_jax.rollout.zoom import CropSpec
 from deepeyes_jax.sft.conversation import Ids, Image, Reply, Shapes, Text, pack
 from deepeyes_jax.sft.step import make_scorer, make_sft_step
+from deepeyes_jax.testing.factory import tiny_model
+from deepeyes_jax.vstar_mini import tasks
+from deepeyes_jax.vstar_mini import world as vstar_mini
+from deepeyes_jax.vstar_mini.base_model import _batches
 
-BUDGETS = tasks.Budgets(112 * 112, 112 * 112, 112 * 112, system_prompt=COMPACT_SYSTEM_PROMPT)
+BUDGETS = tasks.Budgets(112 * 112, CropSpec(448, 448, 112 * 112, 112 * 112), system_prompt=COMPACT_SYSTEM_PROMPT)
 SHAPES = Shapes(seq_len=352, prompt_patches=132, crop_patches=132, max_crops=1)
 
 
@@ -40,19 +41,15 @@ def scenes():
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    cfg = for_tokenizer(ModelConfig(
-        text=TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, mrope_section=(2, 3, 3)),
-        vision=VisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                            fullatt_block_indexes=(1,))), tokenizer)
-    return Qwen2_5_VL(cfg, rngs=nnx.Rngs(0))
+    return tiny_model(tokenizer)
 
 
 def test_prompt_segments_tokenize_like_the_rollout(tokenizer, scenes):
     sc = scenes[0]
     traj = pack(tokenizer, [tasks.prompt(sc["image"], sc["question"], BUDGETS)], SHAPES)
-    batch = make_batch(tokenizer, [sc["question"]], [sc["image"]], prompt_len=SHAPES.seq_len, num_patches=132,
-                       image_hw=(448, 448), max_pixels=BUDGETS.scene_max_pixels, system_prompt=COMPACT_SYSTEM_PROMPT)
+    batch = make_batch(tokenizer, [chat.deepeyes_prompt(sc["question"], COMPACT_SYSTEM_PROMPT)], [sc["image"]],
+                       prompt_len=SHAPES.seq_len, num_patches=132, image_hw=(448, 448),
+                       max_pixels=BUDGETS.scene_max_pixels)
     n = int(traj.length[0])
     np.testing.assert_array_equal(traj.tokens[0, :n], batch.prompt_ids[0, -n:])
     assert batch.prompt_mask[0].sum() == n
@@ -140,7 +137,7 @@ def test_tasks_teach_abilities_not_the_composition(tokenizer, scenes, grid):
             if task in ("closeup", "second", "observed"):
                 # the hard question is answered from a crop, never from the scene itself
                 images = [s for s in conv if isinstance(s, Image)]
-                assert images[-1].image.shape[0] < 448 and images[-1].min_pixels == BUDGETS.crop_min_pixels
+                assert images[-1].image.shape[0] < 448 and images[-1].min_pixels == BUDGETS.crop.min_pixels
             if task == "observed":
                 # one trained reply, after the tool's observation; the first answer is context only
                 assert len(replies) == 1 and conv[-1] == Reply(replies[0]) and "<answer>" in replies[0]

@@ -1,15 +1,13 @@
 """The offline tokenizer and the on-device turn recogniser, against DeepEyes' own parsing.
 
-REFERENCE below is `visual_toolbox_v2.execute` at DeepEyes HEAD (spec 1.5 / 1.7) copied literally:
-regex findall, json.loads(action.strip()), call["name"], call["arguments"], arguments["bbox_2d"],
-maybe_resize_bbox / validate_bbox. Its exceptions are sorted into our error kinds. Every case of
+The reference is `visual_toolbox_v2.execute` at DeepEyes HEAD (spec 1.5 / 1.7) copied literally
+(`deepeyes_jax.testing.deepeyes_parse.reference`), its exceptions sorted into our error kinds. Every case of
 the battery must give the same status / error / box, except the few listed in DEVIATIONS (also in
 README, "Tool-call recognizer: deliberate differences from DeepEyes").
 """
 
 import json
 import random
-import re
 
 import chex
 import jax
@@ -19,102 +17,12 @@ import transformers
 
 from deepeyes_jax.data.tokenizer import SPECIAL_TOKENS, SYSTEM_PROMPT, USER_PROMPT, build_tokenizer
 from deepeyes_jax.rollout import tools
+from deepeyes_jax.testing.deepeyes_parse import reference, result
 
 IMAGE_SIZES = [(640, 480), (1000, 1000), (2246, 1582), (100, 3500), (3300, 200)]
 CONFIG = tools.ToolConfig()
 RUNNER_T = 640  # token slots of the batched runner (per-byte tokenizations need one slot per byte)
 RUNNER_B = 64
-
-
-# ----------------------------------------------------------------------------- DeepEyes reference
-
-class _Toolbox:
-    """visual_toolbox_v2 at HEAD: validate_bbox / maybe_resize_bbox verbatim (prints dropped)."""
-
-    def __init__(self, width, height):
-        self.width, self.height = width, height
-
-    def validate_bbox(self, left, top, right, bottom):
-        try:
-            assert left < right and bottom > top, f'invalid shape for {left=}, {top=}, {right=}, {bottom=}'
-            height = bottom - top
-            width = right - left
-            assert max(height, width) / min(height, width) <= 100, "aspect ratio error"
-            assert min(height, width) > 30, f"{height=}, {width=} is too small"
-            return True
-        except Exception:
-            return False
-
-    def maybe_resize_bbox(self, left, top, right, bottom):
-        from math import ceil, floor
-        left = max(0, left)
-        top = max(0, top)
-        right = min(self.width, right)
-        bottom = min(self.height, bottom)
-        if not self.validate_bbox(left, top, right, bottom):
-            return None
-        height = bottom - top
-        width = right - left
-        if height < 28 or width < 28:  # unreachable at HEAD (min side > 30 above), kept literally
-            center_x = (left + right) / 2.0
-            center_y = (top + bottom) / 2.0
-            ratio = 28 / min(height, width)
-            new_half_height = ceil(height * ratio * 0.5)
-            new_half_width = ceil(width * ratio * 0.5)
-            new_left = floor(center_x - new_half_width)
-            new_right = ceil(center_x + new_half_width)
-            new_top = floor(center_y - new_half_height)
-            new_bottom = ceil(center_y + new_half_height)
-            if not self.validate_bbox(new_left, new_top, new_right, new_bottom):
-                return None
-            return [new_left, new_top, new_right, new_bottom]
-        return [left, top, right, bottom]
-
-
-def _result(status, bbox=None, error=None):
-    return dict(status=status, bbox=bbox, error=error)
-
-
-def reference(action_string, width, height, box_scale=None):
-    """DeepEyes' execute(); returns our dict form ("rotate" for its rotate tool)."""
-    answer = re.findall(r'<answer>(.*?)</answer>', action_string, re.DOTALL)
-    answer = answer[-1] if answer else None
-    if answer:
-        return _result("answer")
-    action = re.findall(r'<tool_call>(.*?)</tool_call>', action_string, re.DOTALL)
-    action = action[-1] if action else None
-    if not action:
-        return _result("none")
-    try:
-        tool_call = json.loads(action.strip())
-    except Exception:
-        return _result("error", error="json")
-    toolbox = _Toolbox(width, height)
-    try:
-        tool_name = tool_call["name"]
-        args = tool_call["arguments"]
-        if tool_name == "image_zoom_in_tool":
-            bbox = args["bbox_2d"]
-            if box_scale is not None:  # our coordinate-frame option, not in DeepEyes
-                bbox = [v * s for v, s in zip(bbox, (*box_scale, *box_scale), strict=True)]
-            bbox = toolbox.maybe_resize_bbox(*bbox)
-            if not bbox:
-                raise ValueError("ZOOM IN ARGUMENTS ARE INVALID")
-            return _result("zoom", bbox=[float(v) for v in bbox])
-        elif tool_name == "image_rotate_tool":
-            angle = args["angle"]
-            float(angle)  # PIL's rotate needs a number
-            return _result("rotate")
-        else:
-            raise ValueError(f"Unknown tool name: {tool_name}")
-    except ValueError as e:
-        if str(e) == "ZOOM IN ARGUMENTS ARE INVALID":
-            return _result("error", error="invalid_bbox")
-        if str(e).startswith("Unknown tool name: "):
-            return _result("error", error="unknown_tool")
-        return _result("error", error="arguments")
-    except Exception:  # KeyError, TypeError (not subscriptable, wrong arity, max(0, "x"), ...)
-        return _result("error", error="arguments")
 
 
 # ----------------------------------------------------------------------------- the battery
@@ -242,11 +150,11 @@ CASES = {
 
 # Where we deliberately differ from DeepEyes: case -> (our result, why).
 DEVIATIONS = {
-    "rotate_tool": (_result("error", error="unknown_tool"),
+    "rotate_tool": (result("error", error="unknown_tool"),
                     "only image_zoom_in_tool is implemented; DeepEyes would rotate the image"),
-    "long_label_over_window": (_result("error", error="json"),
+    "long_label_over_window": (result("error", error="json"),
                                "the call is longer than ToolConfig.max_call_bytes (static parse window)"),
-    "deep_nesting_over_max_depth": (_result("error", error="json"),
+    "deep_nesting_over_max_depth": (result("error", error="json"),
                                     "nesting deeper than ToolConfig.max_depth (static stack)"),
 }
 
@@ -328,7 +236,7 @@ def runner(table):
             res = jax.device_get(fn(ids, n, wh, sc))
             for r in range(len(chunk)):
                 st, er = int(res.status[r]), int(res.error[r])
-                out.append(_result(tools.STATUS_NAMES[st],
+                out.append(result(tools.STATUS_NAMES[st],
                                    [float(v) for v in res.bbox[r]] if st == tools.STATUS_ZOOM else None,
                                    tools.ERROR_NAMES[er] if st == tools.STATUS_ERROR else None))
         return out
@@ -474,7 +382,7 @@ def _chunked_ids(tok, text, rng):
     return ids
 
 
-def test_unusual_tokenizations_give_the_same_result(tok, runner):
+def test_unusual_tokenizations_give_the_sameresult(tok, runner):
     rng = random.Random(5)
     names = [n for n in sorted(CASES) if len(CASES[n].encode()) <= RUNNER_T]
     assert len(names) >= len(CASES) - 2

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import scripted
 from deepeyes_jax.models.qwen2_5_vl.model import jit_forward
 from deepeyes_jax.rl.grpo import GRPOConfig
 from deepeyes_jax.rl.rewards import SOURCE_TOOL, RewardConfig
-from deepeyes_jax.rl.train_step import TrainBatch, TrainConfig, make_optimizer, make_train_step
+from deepeyes_jax.rl.train_step import ActorConfig, TrainBatch, TrainConfig, make_optimizer, make_train_step
+from deepeyes_jax.testing import scripted
 
 QUESTION = "Which option is right, A or B?"
 # The same prompt answered both ways: the fitted policy is a coin between A and B.
@@ -29,15 +29,16 @@ def _batch(setup, answer=b"A"):
     b = len(rollout.prompt_ids)
     gt = np.zeros((b, 8), np.uint8)
     gt[:, :len(answer)] = np.frombuffer(answer, np.uint8)
-    return TrainBatch(rollout, gt, np.full(b, len(answer), np.int32), np.full(b, SOURCE_TOOL, np.int32))
+    return TrainBatch(rollout, gt, np.full(b, len(answer), np.int32), np.full(b, SOURCE_TOOL, np.int32),
+                      box=np.zeros((b, 4), np.float32), has_box=np.zeros(b, bool))
 
 
-def _train_step(setup, model, lr=2e-3, reward=RewardConfig(), tx=None, **kw):
+def _train_step(setup, model, lr=2e-3, reward=RewardConfig(), tx=None, **actor):
     # The step donates its parameters; train a copy so the shared fixture model stays usable.
     graphdef, state = nnx.split(model)
     model = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
     config = TrainConfig(rollout=setup.rollout_config(temperature=1.0, max_turns=2),
-                         grpo=GRPOConfig(group_size=GROUP), reward=reward, **kw)
+                         grpo=GRPOConfig(group_size=GROUP), reward=reward, actor=ActorConfig(**actor))
     tx = make_optimizer(lr, max_grad_norm=1.0) if tx is None else tx
     return make_train_step(model, tx, config, setup.templates, setup.table)
 

@@ -1,12 +1,18 @@
 """V*-mini scene generator invariants and the TFDS round trip (tiny splits, built in tmp_path)."""
 
+import json
 import os
 
 import numpy as np
 import pytest
 
-from deepeyes_jax.data import vstar_mini as vm
-from deepeyes_jax.data import vstar_mini_tfds
+from deepeyes_jax.data.tokenizer import build_tokenizer, default_corpus
+from deepeyes_jax.rollout.zoom import CropSpec
+from deepeyes_jax.sft.conversation import Shapes
+from deepeyes_jax.vstar_mini import probes, tasks
+
+from deepeyes_jax.vstar_mini import dataset as vstar_mini_tfds
+from deepeyes_jax.vstar_mini import world as vm
 
 N = 400
 SCENES = [vm.make_scene(i, seed=0, split="train") for i in range(N)]
@@ -184,3 +190,30 @@ def test_tfds_round_trip(tmp_path, monkeypatch):
     other = vstar_mini_tfds.load(str(tmp_path), seed=6, num_train=16, num_test=8)
     assert not np.array_equal(other["train"][0]["image"], again["train"][0]["image"])
     assert len(os.listdir(tmp_path / "vstar_mini")) == 2
+
+
+def test_perception_probe_picks_the_best_scored_candidate_per_scene():
+    """With a scorer that prefers the reply with fewer tokens, every family's accuracy is the fraction of
+    scenes whose shortest candidate is the right one, computed here independently from the candidates."""
+    tok = build_tokenizer(vocab_size=1024, corpus=default_corpus() + tasks.corpus())
+    world = vm.WorldConfig(kinds=("letter_colour",))
+    scenes = [vm.make_scene(i, seed=4, split="test", config=world) for i in range(5)]
+    budgets = tasks.Budgets(112 * 112, CropSpec(448, 448, 112 * 112, 112 * 112), box_grid=56)
+    shapes = Shapes(seq_len=640, prompt_patches=64, crop_patches=132, max_crops=1)
+    score = lambda params, traj: -traj.loss_mask.sum(1)  # noqa: E731
+    out = probes.perception_probe(score, None, scenes, tok, budgets, shapes, batch=8, put=lambda t: t, fetch=np.asarray)
+
+    n_tokens = lambda text: len(tok.encode(text, add_special_tokens=False))  # noqa: E731
+    def expected(candidates, right):  # first shortest wins, as argmax does
+        lengths = [n_tokens(c) for c in candidates]
+        return candidates[int(np.argmin(lengths))] == right
+    options = np.mean([expected(s["options"], s["answer"]) for s in scenes])
+    boxes = []
+    for s in scenes:
+        cands = sorted({tuple(tasks.zoom_box(o["box"], budgets, 448)) for o in s["objects"] if o["size"] == "small"})
+        texts = [json.dumps({"bbox_2d": [round(v) for v in b]}) for b in cands]
+        right = json.dumps({"bbox_2d": [round(v) for v in tasks.zoom_box(s["target_box"], budgets, 448)]})
+        boxes.append(expected(texts, right))
+    assert out["no_crop"] == out["gt_crop"] == options
+    assert out["grounding"] == np.mean(boxes)
+    assert out["chance"] == 0.25 and 1 / 6 <= out["grounding_chance"] <= 1 / 4

@@ -29,7 +29,6 @@ class GRPOConfig:
       "k3" = "low_var_kl" = exp(ref - logp) - (ref - logp) - 1 clamped to [-10, 10]); kl_coef 0 = off.
     entropy_coef: verl `entropy_coeff` (loss -= coef * aggregated entropy).
     adv_eps / norm_adv_by_std: verl `epsilon` / `norm_adv_by_std_in_grpo` of the GRPO advantage.
-    temperature: logits are divided by it before log-softmax (rollout temperature, 1.0).
     log_ratio_clip: logp - old_logp is clamped to +-this before exp (verl and Tunix: 20).
     """
 
@@ -43,7 +42,6 @@ class GRPOConfig:
     entropy_coef: float = 0.0
     adv_eps: float = 1e-6
     norm_adv_by_std: bool = True
-    temperature: float = 1.0
     log_ratio_clip: float = 20.0
 
     def __post_init__(self):
@@ -57,8 +55,6 @@ class GRPOConfig:
             raise ValueError(f"clip_ratio_c must be > 1 (or None), got {self.clip_ratio_c}")
         if not (0.0 <= self.clip_ratio_low < 1.0 and self.clip_ratio_high >= 0.0):
             raise ValueError("need 0 <= clip_ratio_low < 1 and clip_ratio_high >= 0")
-        if self.temperature <= 0:
-            raise ValueError("temperature must be > 0")
 
 
 # ------------------------------------------------------------------------------------------ advantages

@@ -149,10 +149,11 @@ def parse_math_verdict(content: str) -> bool | None:
 
 @dataclasses.dataclass(frozen=True)
 class JudgeConfig:
-    """base_url: e.g. "http://127.0.0.1:18901/v1" (DeepEyes' LLM_AS_A_JUDGE_BASE). model: None reads
-    the first id of GET {base_url}/models. temperature: 0.3 for the tool judge (math uses 0.0)."""
+    """base_url: e.g. "http://127.0.0.1:18901/v1" (DeepEyes' LLM_AS_A_JUDGE_BASE); empty = no judge (the
+    on-device rule-based matcher decides). model: None reads the first id of GET {base_url}/models.
+    temperature: 0.3 for the tool judge (math uses 0.0)."""
 
-    base_url: str
+    base_url: str = ""
     model: str | None = None
     api_key: str | None = None
     timeout: float = 60.0

@@ -1,11 +1,12 @@
 """The fused GRPO step: rollout, rewards, advantages, loss, gradient and update as ONE program.
 
-    step(params, opt_state, batch, rng) -> (params, opt_state, metrics, trajectories)
+    step(params, opt_state, batch, rng) -> (params, opt_state, metrics, trajectories, rows)
 
 Rows of a batch come in groups: each prompt repeated `group_size` times, consecutively. The old
 log-probs are the rollout's own (they equal a teacher-forced pass to ~1e-5 in fp32, see
 tests/test_rollout.py), so one rollout feeds one update without a second forward. Parameters and
-optimizer state are donated.
+optimizer state are donated. The metrics are reduced inside the program (`rl.metrics`), so a host
+reads a few replicated scalars, never the trajectories.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
-from deepeyes_jax.rl import grpo, rewards
+from deepeyes_jax import sharding as shd
+from deepeyes_jax.rl import grpo, metrics, rewards
 from deepeyes_jax.rl.trajectory_forward import trajectory_logprobs
 from deepeyes_jax.rollout import config as rc
 from deepeyes_jax.rollout import tools
@@ -29,13 +32,40 @@ from deepeyes_jax.rollout.sampler import Trajectories, rollout_program
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    rollout: rc.RolloutConfig
-    grpo: grpo.GRPOConfig
-    reward: rewards.RewardConfig = rewards.RewardConfig()
+class ActorConfig:
+    """How the update walks the rollout batch (verl: ppo_mini_batch_size / ppo_micro_batch_size_per_gpu)."""
+
     logprob_chunk: int = 512  # sequence positions per chunk of the log-prob computation
     mini_batches: int = 1  # optimizer updates per rollout batch (rows split evenly; old log-probs = rollout's)
     micro_batches: int = 1  # gradient accumulation steps inside each update (exact, see micro_batch_weight)
+
+    def __post_init__(self):
+        if self.mini_batches < 1 or self.micro_batches < 1 or self.logprob_chunk < 1:
+            raise ValueError(f"mini_batches {self.mini_batches}, micro_batches {self.micro_batches} and "
+                             f"logprob_chunk {self.logprob_chunk} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The fused step. The log-probs of the loss use the rollout's temperature (the sampling policy's)."""
+
+    rollout: rc.RolloutConfig
+    grpo: grpo.GRPOConfig
+    reward: rewards.RewardConfig = rewards.RewardConfig()
+    actor: ActorConfig = ActorConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW after global-norm clipping (DeepEyes: lr 1e-6 constant, wd 0.01, clip 1.0, betas 0.9 / 0.999).
+    The learning rate warms up linearly over `warmup_steps` (0: constant from the first step)."""
+
+    learning_rate: float = 1e-6
+    warmup_steps: int = 0
+    weight_decay: float = 0.01
+    max_grad_norm: float | None = 1.0
+    b1: float = 0.9
+    b2: float = 0.999
 
 
 class TrainBatch(NamedTuple):
@@ -43,6 +73,8 @@ class TrainBatch(NamedTuple):
     answer: jax.Array  # uint8[B, G]: ground truth, UTF-8
     answer_len: jax.Array  # int32[B]
     source_kind: jax.Array  # int32[B]: rewards.SOURCE_TOOL / SOURCE_MATH
+    box: jax.Array  # float32[B, 4]: ground-truth region in original-image pixels (grounding IoU), if has_box
+    has_box: jax.Array  # bool[B]
 
 
 def make_optimizer(learning_rate, *, weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
@@ -50,6 +82,13 @@ def make_optimizer(learning_rate, *, weight_decay: float = 0.0, max_grad_norm: f
     """Gradient clipping then AdamW; `learning_rate` may be an optax schedule."""
     parts = [] if max_grad_norm is None else [optax.clip_by_global_norm(max_grad_norm)]
     return optax.chain(*parts, optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay))
+
+
+def optimizer(config: OptimConfig) -> optax.GradientTransformation:
+    lr = (optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps) if config.warmup_steps > 0
+          else config.learning_rate)
+    return make_optimizer(lr, weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm,
+                          b1=config.b1, b2=config.b2)
 
 
 def _split_rows(tree, n: int):
@@ -66,11 +105,6 @@ def _split_rows(tree, n: int):
     return jax.tree.map(go, tree, is_leaf=lambda x: isinstance(x, Trajectories))
 
 
-def _mean(x, where):
-    where = where.astype(jnp.float32)
-    return jnp.sum(x * where) / jnp.maximum(jnp.sum(where), 1.0)
-
-
 def rollout_and_score(graphdef, cfg: TrainConfig, templates, params, batch: TrainBatch, rng, table):
     traj = rollout_program(graphdef, cfg.rollout, templates, params, batch.rollout, rng, table)
     p = batch.rollout.prompt_ids.shape[1]
@@ -83,16 +117,16 @@ def rollout_and_score(graphdef, cfg: TrainConfig, templates, params, batch: Trai
 def _step(graphdef, cfg: TrainConfig, templates, tx, params, opt_state, batch: TrainBatch, rng, table,
           ref_params):
     traj, score = rollout_and_score(graphdef, cfg, templates, params, batch, rng, table)
-    return _update(graphdef, cfg, tx, params, opt_state, traj, score, ref_params)
+    return _update(graphdef, cfg, tx, params, opt_state, traj, score, batch.box, batch.has_box, ref_params)
 
 
-def _update(graphdef, cfg: TrainConfig, tx, params, opt_state, traj, score, ref_params):
+def _update(graphdef, cfg: TrainConfig, tx, params, opt_state, traj, score, box, has_box, ref_params):
     adv = grpo.group_advantages(score["reward"], cfg.grpo.group_size, eps=cfg.grpo.adv_eps,
                                 norm_by_std=cfg.grpo.norm_adv_by_std)
 
     def token_logprobs(params, traj):
-        return trajectory_logprobs(nnx.merge(graphdef, params), traj, chunk=cfg.logprob_chunk,
-                                   temperature=cfg.grpo.temperature)
+        return trajectory_logprobs(nnx.merge(graphdef, params), traj, chunk=cfg.actor.logprob_chunk,
+                                   temperature=cfg.rollout.temperature)
 
     def loss_fn(params, traj, adv):
         logp, entropy = token_logprobs(params, traj)
@@ -111,31 +145,31 @@ def _update(graphdef, cfg: TrainConfig, tx, params, opt_state, traj, score, ref_
             return grads, (weight * loss, {k: v for k, v in pairs.items() if k not in ("loss", "pg_loss")})
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        grads, (losses, pairs) = jax.lax.scan(micro, zeros, _split_rows(data, cfg.micro_batches))
+        grads, (losses, pairs) = jax.lax.scan(micro, zeros, _split_rows(data, cfg.actor.micro_batches))
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), (jnp.sum(losses), pairs, optax.global_norm(grads))
 
     (params, opt_state), (losses, pairs, grad_norms) = jax.lax.scan(
-        update, (params, opt_state), _split_rows((traj, adv), cfg.mini_batches))
+        update, (params, opt_state), _split_rows((traj, adv), cfg.actor.mini_batches))
 
-    zoomed = traj.num_zooms > 0
-    metrics = {k: jnp.sum(s) / jnp.maximum(jnp.sum(c), 1) for k, (s, c) in pairs.items()}
-    metrics.update(
-        loss=jnp.mean(losses),
-        reward=jnp.mean(score["reward"]),
-        accuracy=jnp.mean(score["acc"]),
-        format_error=jnp.mean(score["format_error"]),
-        tool_call_rate=jnp.mean(zoomed),
-        zooms_per_trajectory=jnp.mean(traj.num_zooms),
-        response_length=jnp.mean(traj.response_length),
-        turns=jnp.mean(traj.num_turns),
-        answered=jnp.mean(traj.end_reason == rc.END_ANSWER),
-        accuracy_with_zoom=_mean(score["acc"], zoomed),
-        grad_norm=jnp.mean(grad_norms),
-        sampled_tokens=jnp.sum(traj.response_length),
-    )
-    rows = dict(reward=score["reward"], acc=score["acc"], format_error=score["format_error"], advantage=adv)
-    return params, opt_state, metrics, traj, rows
+    rows = metrics.row_metrics(traj, score, box, has_box)
+    out = {k: jnp.sum(s) / jnp.maximum(jnp.sum(c), 1) for k, (s, c) in pairs.items()}
+    out.update(metrics.summarize(rows), loss=jnp.mean(losses), grad_norm=jnp.mean(grad_norms),
+               sampled_tokens=jnp.sum(traj.response_length))
+    return params, opt_state, out, traj, dict(rows, advantage=adv)
+
+
+def _check(config: TrainConfig):
+    if not config.rollout.temperature > 0:
+        raise ValueError(f"training samples at rollout.temperature > 0 (the loss's log-probs use it), got "
+                         f"{config.rollout.temperature}")
+
+
+def _check_rows(config: TrainConfig, rows: int):
+    u = config.actor
+    if rows % config.grpo.group_size or rows % (u.mini_batches * u.micro_batches):
+        raise ValueError(f"batch of {rows} rows must divide into groups of {config.grpo.group_size} and into "
+                         f"{u.mini_batches} mini x {u.micro_batches} micro batches")
 
 
 def make_train_step(model, tx: optax.GradientTransformation, config: TrainConfig, templates: rc.Templates,
@@ -146,47 +180,52 @@ def make_train_step(model, tx: optax.GradientTransformation, config: TrainConfig
     params and opt_state are donated: `params` starts as the model's own arrays, so after the first
     step the model object no longer holds valid parameters (use `nnx.merge(graphdef, params)`).
     """
-    if config.mini_batches < 1 or config.micro_batches < 1:
-        raise ValueError(f"mini_batches {config.mini_batches} and micro_batches {config.micro_batches} must be >= 1")
-    if config.rollout.temperature != config.grpo.temperature:
-        raise ValueError(f"rollout temperature {config.rollout.temperature} != GRPO temperature "
-                         f"{config.grpo.temperature}: the old log-probs would not match the loss's")
+    _check(config)
     graphdef, params = nnx.split(model)
     jitted = jax.jit(functools.partial(_step, graphdef, config, templates, tx), donate_argnums=(0, 1))
     # The frozen reference policy exists only when the KL term is on.
     ref_params = jax.tree.map(jnp.copy, params) if config.grpo.kl_coef > 0 else None
 
     def step(params, opt_state, batch: TrainBatch, rng):
-        rows, parts = batch.answer.shape[0], config.mini_batches * config.micro_batches
-        if rows % config.grpo.group_size or rows % parts:
-            raise ValueError(f"batch of {rows} rows must divide into groups of {config.grpo.group_size} and into "
-                             f"{config.mini_batches} mini x {config.micro_batches} micro batches")
+        _check_rows(config, batch.answer.shape[0])
         return jitted(params, opt_state, batch, rng, table, ref_params)
 
     step.jitted = jitted
     step.ref_params = ref_params
-    return step, params, tx.init(params)
+    return step, params, shd.init_on_mesh(tx.init, params)
 
 
 def make_judged_train_step(model, tx: optax.GradientTransformation, config: TrainConfig, templates: rc.Templates,
-                           table: tools.TokenBytes, *, tokenizer, judge):
+                           table: tools.TokenBytes, *, tokenizer, judge, mesh=None, rules=None):
     """The LLM-judge variant: rollout program -> host judge -> update program (two compilations).
 
     step(params, opt_state, batch, rng, questions, ground_truths) -> like `make_train_step`, plus judge
     stats in the metrics. The judge (`rl.judge.JudgeClient`) decides accuracy from each response's
     `<answer>` text as DeepEyes does (math rows: its math prompt on the whole response); format errors
     and the zoom count still come from the on-device reward. A failed judgement scores 0 and is counted.
+
+    With a `mesh` (and its axis `rules`) the batch is row-sharded over hosts: each host decodes and judges
+    only its own rows (`sharding.process_rows`; `questions` / `ground_truths` are those rows') and the
+    verdicts are assembled into global arrays again. Without one, everything is on this host.
     """
+    _check(config)
     graphdef, params = nnx.split(model)
     score = jax.jit(functools.partial(rollout_and_score, graphdef, config, templates))
     update = jax.jit(functools.partial(_update, graphdef, config, tx), donate_argnums=(0, 1))
     ref_params = jax.tree.map(jnp.copy, params) if config.grpo.kl_coef > 0 else None
     r = config.reward
+    if mesh is None:
+        local = lambda x: np.asarray(jax.device_get(x))  # noqa: E731
+        to_global = jax.device_put
+    else:
+        local = lambda x: shd.host_rows(x, mesh, rules)  # noqa: E731
+        to_global = lambda x: shd.global_batch(x, mesh, rules, len(x) * jax.process_count())  # noqa: E731
 
     def step(params, opt_state, batch: TrainBatch, rng, questions, ground_truths):
+        _check_rows(config, batch.answer.shape[0])
         traj, device_score = score(params, batch, rng, table)
-        ids, valid, kind, zooms, fmt = jax.device_get((traj.tokens, traj.attention_mask, batch.source_kind,
-                                                      traj.num_zooms, device_score["format_error"]))
+        ids, valid, kind, zooms, fmt = (local(x) for x in (traj.tokens, traj.attention_mask, batch.source_kind,
+                                                          traj.num_zooms, device_score["format_error"]))
         p = batch.rollout.prompt_ids.shape[1]
         texts = [tokenizer.decode(row[p:][v[p:]].tolist(), skip_special_tokens=False) for row, v in zip(ids, valid)]
         answers = [t.split("<answer>")[-1].split("</answer>")[0].strip() for t in texts]
@@ -202,11 +241,15 @@ def make_judged_train_step(model, tx: optax.GradientTransformation, config: Trai
         reward = np.where(kind == rewards.SOURCE_TOOL,
                           r.acc_weight * acc - r.format_weight * fmt + r.tool_weight * ((zooms > 0) & (acc > 0.5)),
                           r.math_acc_weight * acc - r.math_format_weight * fmt).astype(np.float32)
-        judged = dict(device_score, acc=jax.device_put(acc), reward=jax.device_put(reward))
-        params, opt_state, metrics, traj, rows = update(params, opt_state, traj, judged, ref_params)
-        metrics = dict(metrics, judge_failed=float(stats.get("failed", 0) + math_stats.get("failed", 0)),
-                       judge_retried=float(stats.get("retried", 0) + math_stats.get("retried", 0)))
+        with jax.transfer_guard("allow"):
+            judged = dict(device_score, acc=to_global(acc), reward=to_global(reward))
+        params, opt_state, metrics, traj, rows = update(params, opt_state, traj, judged, batch.box, batch.has_box,
+                                                        ref_params)
+        counts = np.array([stats.get(k, 0) + math_stats.get(k, 0) for k in ("failed", "retried")], np.float32)
+        if jax.process_count() > 1:
+            counts = np.asarray(multihost_utils.process_allgather(counts)).sum(0)
+        metrics = dict(metrics, judge_failed=float(counts[0]), judge_retried=float(counts[1]))
         return params, opt_state, metrics, traj, rows
 
     step.score, step.update = score, update
-    return step, params, tx.init(params)
+    return step, params, shd.init_on_mesh(tx.init, params)

@@ -1,4 +1,4 @@
-"""Host-side assembly of rollout inputs: DeepEyes' chat prompt around each image, padded to static shapes."""
+"""Host-side assembly of rollout inputs: each row's chat prompt around its image, padded to static shapes."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from deepeyes_jax.data import image_processing
-from deepeyes_jax.data.tokenizer import SYSTEM_PROMPT, USER_PROMPT
+from deepeyes_jax.data import chat, image_processing
 
 
 class RolloutBatch(NamedTuple):
@@ -19,25 +18,14 @@ class RolloutBatch(NamedTuple):
     image_hw: np.ndarray  # int32[B, 2]: its true (height, width)
 
 
-def prompt_parts(question: str, system_prompt: str = SYSTEM_PROMPT) -> tuple[str, str]:
-    """The text before and after the image block of the first prompt (spec 1.4)."""
-    return (f"<|im_start|>system\n{system_prompt}<|im_end|>\n<|im_start|>user\n",
-            f"\n{question}{USER_PROMPT}<|im_end|>\n<|im_start|>assistant\n")
-
-
-def prompt_text(question: str, num_image_tokens: int, system_prompt: str = SYSTEM_PROMPT) -> str:
-    """The training prompt of spec 1.4: system prompt, then the image, question and instruction."""
-    before, after = prompt_parts(question, system_prompt)
-    return f"{before}<|vision_start|>{'<|image_pad|>' * num_image_tokens}<|vision_end|>{after}"
-
-
-def make_batch(tokenizer, questions, images, *, prompt_len: int, num_patches: int, image_hw: tuple[int, int],
+def make_batch(tokenizer, prompts, images, *, prompt_len: int, num_patches: int, image_hw: tuple[int, int],
                min_pixels: int = image_processing.DEFAULT_MIN_PIXELS,
-               max_pixels: int = image_processing.DEFAULT_MAX_PIXELS, system_prompt: str = SYSTEM_PROMPT) -> RolloutBatch:
-    """questions: list of str; images: list of uint8[H, W, 3]. Raises ValueError naming the row
-    whose prompt, patches or image do not fit the static shapes."""
-    if len(questions) != len(images):
-        raise ValueError(f"{len(questions)} questions but {len(images)} images")
+               max_pixels: int = image_processing.DEFAULT_MAX_PIXELS) -> RolloutBatch:
+    """prompts: list of chat messages with one `<image>` each (`data.chat`; e.g. `chat.deepeyes_prompt(q)`);
+    images: list of uint8[H, W, 3]. Raises ValueError naming the row whose prompt, patches or image do not
+    fit the static shapes."""
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
     b = len(images)
     ids = np.zeros((b, prompt_len), np.int32)
     mask = np.zeros((b, prompt_len), np.int32)
@@ -45,15 +33,14 @@ def make_batch(tokenizer, questions, images, *, prompt_len: int, num_patches: in
     grids = np.zeros((b, 3), np.int32)
     buf = np.zeros((b, *image_hw, 3), np.uint8)
     sizes = np.zeros((b, 2), np.int32)
-    for i, (question, image) in enumerate(zip(questions, images)):
+    for i, (prompt, image) in enumerate(zip(prompts, images)):
         image = np.asarray(image)
         if image.shape[0] > image_hw[0] or image.shape[1] > image_hw[1]:
             raise ValueError(f"row {i}: image {image.shape[:2]} exceeds the image buffer {image_hw}")
         pv, grid = image_processing.preprocess_image(image, min_pixels=min_pixels, max_pixels=max_pixels)
         if len(pv) > num_patches:
             raise ValueError(f"row {i}: image needs {len(pv)} patches, num_patches is {num_patches}")
-        row = tokenizer.encode(prompt_text(question, image_processing.num_image_tokens(grid), system_prompt),
-                               add_special_tokens=False)
+        row = tokenizer.encode(chat.expand(prompt, image_processing.num_image_tokens(grid)), add_special_tokens=False)
         if len(row) > prompt_len:
             raise ValueError(f"row {i}: prompt has {len(row)} tokens, prompt_len is {prompt_len}")
         ids[i, prompt_len - len(row):], mask[i, prompt_len - len(row):] = row, 1

@@ -104,7 +104,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def token_bytes(tokenizer) -> TokenBytes:
-    """The byte table of `tokenizer`, as `decode(ids, skip_special_tokens=False)` produces bytes.
+    """The byte table of `tokenizer` (host arrays), as `decode(ids, skip_special_tokens=False)` produces bytes.
 
     Byte-level tokens map back through GPT-2's character map; added (special) tokens are their
     literal text; ids without a token are empty. V = len(tokenizer).
@@ -126,7 +126,7 @@ def token_bytes(tokenizer) -> TokenBytes:
     data = np.zeros((size, width), np.uint8)
     for i, r in enumerate(rows):
         data[i, :len(r)] = np.frombuffer(r, np.uint8)
-    return TokenBytes(jnp.asarray(data), jnp.asarray(np.array([len(r) for r in rows], np.int32)))
+    return TokenBytes(data, np.array([len(r) for r in rows], np.int32))
 
 
 # ----------------------------------------------------------------------------- byte stream and tags
@@ -141,12 +141,12 @@ def _turn_bytes(token_ids, num_tokens, table: TokenBytes, capacity: int):
     t = token_ids.shape[0]
     ok = (jnp.arange(t) < num_tokens) & (token_ids >= 0) & (token_ids < vocab)
     ids = jnp.where(ok, token_ids, 0)
-    lens = jnp.where(ok, table.lengths[ids], 0)
+    lens = jnp.where(ok, jnp.asarray(table.lengths)[ids], 0)
     ends = jnp.cumsum(lens)
     p = jnp.arange(capacity, dtype=jnp.int32)
     tok = jnp.minimum(jnp.searchsorted(ends, p, side="right"), t - 1)
     j = jnp.clip(p - (ends[tok] - lens[tok]), 0, width - 1)
-    byte = table.data.reshape(-1)[ids[tok] * width + j].astype(jnp.int32)
+    byte = jnp.asarray(table.data).reshape(-1)[ids[tok] * width + j].astype(jnp.int32)
     n = jnp.minimum(ends[-1], capacity)
     return jnp.where(p < n, byte, 0), n
 

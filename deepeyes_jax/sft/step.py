@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 
 from deepeyes_jax.rl.trajectory_forward import trajectory_logprobs
+from deepeyes_jax.sharding import init_on_mesh
 from deepeyes_jax.sft.conversation import with_positions
 
 
@@ -44,7 +45,7 @@ def make_sft_step(model, tx: optax.GradientTransformation, *, chunk: int = 256):
     """-> (step, params, opt_state); params and opt_state are donated to `step`."""
     graphdef, params = nnx.split(model)
     step = jax.jit(functools.partial(_step, graphdef, tx, chunk), donate_argnums=(0, 1))
-    return step, params, tx.init(params)
+    return step, params, init_on_mesh(tx.init, params)
 
 
 def make_scorer(model, *, chunk: int = 256):

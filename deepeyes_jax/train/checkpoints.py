@@ -33,6 +33,7 @@ is the mechanism there.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -48,13 +49,23 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from deepeyes_jax.sharding import DEFAULT_AXIS_RULES, AxisRules, logical_to_spec
+from deepeyes_jax.sharding import DEFAULT_AXIS_RULES, AxisRules, key_name, logical_to_spec, state_shardings
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _ITEMS = ("params", "opt_state", "rng", "data_state", "meta")
 COMMIT_MARKER = "commit_success.txt"  # orbax 0.12 writes it last, in the step dir and in every item dir
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """save_every: steps between checkpoints (the last step and a preemption always save).
+    keep: the most recent checkpoints kept. async_save: write in a background thread."""
+
+    save_every: int = 20
+    keep: int = 2
+    async_save: bool = True
 
 
 class Restored(NamedTuple):
@@ -68,18 +79,11 @@ class Restored(NamedTuple):
 # --------------------------------------------------------------------------- pytree <-> nested dict
 
 
-def _key_name(k) -> str:
-    for attr in ("key", "idx", "name"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
 def _to_nested(tree) -> dict:
     """Pytree -> nested dict {path component: ... -> leaf}; components are str(key/idx/attr)."""
     out: dict = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        names = [_key_name(k) for k in path] or ["_leaf"]
+        names = [key_name(k) for k in path] or ["_leaf"]
         node = out
         for n in names[:-1]:
             node = node.setdefault(n, {})
@@ -95,7 +99,7 @@ def _from_nested(nested: dict, like):
     leaves = []
     for path, _ in paths:
         node = nested
-        for n in [_key_name(k) for k in path] or ["_leaf"]:
+        for n in [key_name(k) for k in path] or ["_leaf"]:
             node = node[n]
         leaves.append(node)
     return jax.tree_util.tree_unflatten(treedef, leaves)
@@ -119,23 +123,11 @@ def abstract_params(params, mesh: Mesh, rules: AxisRules = DEFAULT_AXIS_RULES):
 
 
 def abstract_opt_state(tx, abstract_params_tree):
-    """`jax.eval_shape(tx.init, params)` with shardings: an optimizer leaf whose tree path ends with a
-    parameter's path (adam mu / nu, ...) and has its shape gets that parameter's sharding; the others
-    (step counts, scalars) are replicated on the parameters' mesh."""
+    """`jax.eval_shape(tx.init, params)` with shardings (`sharding.state_shardings`): optimizer leaves that follow a
+    parameter (adam mu / nu, ...) take its sharding, the others (step counts) are replicated."""
     shapes = jax.eval_shape(tx.init, abstract_params_tree)
-    by_path = {tuple(map(_key_name, p)): x for p, x in jax.tree_util.tree_flatten_with_path(abstract_params_tree)[0]}
-    mesh = next(x.sharding.mesh for x in by_path.values())
-    longest = max(map(len, by_path), default=0)
-
-    def pick(path, x):
-        names = tuple(map(_key_name, path))
-        for n in range(min(len(names), longest), 0, -1):
-            p = by_path.get(names[-n:])
-            if p is not None and p.shape == x.shape:
-                return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=p.sharding)
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
-
-    return jax.tree_util.tree_map_with_path(pick, shapes)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                        state_shardings(shapes, abstract_params_tree))
 
 
 def _with_sharding(abstract, shardings):
@@ -161,6 +153,10 @@ class Checkpointer:
     Saves are asynchronous: `save` returns once the arrays are copied off the device and the files are
     written by a background thread; `wait()` blocks until the last save is committed.
     """
+
+    @classmethod
+    def from_config(cls, directory: str | os.PathLike, config: CheckpointConfig) -> Checkpointer:
+        return cls(directory, save_every=config.save_every, keep=config.keep, async_save=config.async_save)
 
     def __init__(self, directory: str | os.PathLike, *, save_every: int = 1, keep: int = 3,
                  async_save: bool = True):

@@ -97,13 +97,14 @@ def _open_tensors(path: str) -> dict[str, SafetensorsFile]:
 
 
 def from_pretrained(path: str, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None,
-                    compute_dtype=None, axis_rules=None) -> Qwen2_5_VL:
+                    compute_dtype=None, axis_rules=None, **runtime) -> Qwen2_5_VL:
     """Load a Hugging Face Qwen2.5-VL directory onto `mesh` (or the default device).
 
     Each tensor is memory-mapped and every device reads only its own shard of it, so the
-    model is never materialised on the host, let alone twice.
+    model is never materialised on the host, let alone twice. `runtime`: other runtime fields of
+    `ModelConfig` (remat, attention_chunk).
     """
-    runtime = dict(param_dtype=dtype, dtype=compute_dtype or dtype)
+    runtime = dict(runtime, param_dtype=dtype, dtype=compute_dtype or dtype)
     if axis_rules is not None:
         runtime["axis_rules"] = tuple(axis_rules)
     config = ModelConfig.from_json_file(os.path.join(path, "config.json"), **runtime)

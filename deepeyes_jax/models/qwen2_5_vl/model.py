@@ -43,6 +43,20 @@ class Qwen2_5_VL(nnx.Module):
                         Dense(config.text.hidden_size, config.text.vocab_size, logical_axes=("embed", "vocab"),
                               use_bias=False, **kw))
         self.config = config
+        if mesh is not None:
+            self._lay_out_parameters()
+
+    def _lay_out_parameters(self):
+        """Put every freshly initialised parameter on its logical sharding (initialisers fill one device). Through the
+        host: a mesh over several processes is not reachable from one process's device, and every process drew the
+        same values from the same seed."""
+        for _, var in nnx.to_flat_state(nnx.state(self, nnx.Param)):
+            value = var.get_value()
+            if not _concrete(value):  # abstract (nnx.eval_shape) or traced: nothing to move
+                return
+            with jax.transfer_guard("allow"):
+                var.set_value(jax.device_put(np.asarray(value),
+                                             self.shard.sharding(var.get_metadata()["logical_axes"], value.shape)))
 
     # ---------------------------------------------------------------- pieces
 

@@ -81,7 +81,9 @@ class TextModel(nnx.Module):
         """
         x = self.shard(x, _HIDDEN)
         new_cache = []
-        run = _run_layer if not self.remat else nnx.remat(_run_layer)
+        # Remat only where there is a backward pass: decoding with a cache is never differentiated (and
+        # nnx.remat cannot run inside the rollout's while_loop).
+        run = nnx.remat(_run_layer) if self.remat and cache is None else _run_layer
         for i, layer in enumerate(self.layers):
             x, layer_cache = run(layer, x, cos, sin, mask, None if cache is None else cache[i], start)
             new_cache.append(layer_cache)

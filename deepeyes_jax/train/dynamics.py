@@ -2,7 +2,8 @@
 
 `launch.plot_metrics` is its command line; `launch.train` calls it at the end of a run.
 
-Four panels over training steps (train-batch curves, plus held-out ``eval/hard/*`` points when present): accuracy,
+Four panels over training steps (train-batch curves, plus held-out ``eval/<group>/*`` points when present, the
+group ``all`` unless given, e.g. V*-mini's ``hard``): accuracy,
 tool calls per trajectory (``zooms_per_trajectory``), grounding IoU (``grounding_iou``)
 and response length (``response_length``). Each shows the raw curve and a smoothed one
 (TensorBoard-style debiased exponential moving average). A metric missing from the file
@@ -19,12 +20,12 @@ from PIL import Image, ImageDraw, ImageFont
 
 from deepeyes_jax.train.metrics import METRICS_FILE, read_metrics_jsonl
 
-# (title, metric, optional extra metric drawn as points, y-axis label)
+# (title, metric, y-axis label); the held-out eval/<group>/<metric> is drawn as points
 PANELS = (
-    ("Accuracy", "accuracy", "eval/hard/accuracy", "accuracy"),
-    ("Tool calls / trajectory", "zooms_per_trajectory", "eval/hard/zooms_per_trajectory", "calls"),
-    ("Grounding IoU", "grounding_iou", "eval/hard/grounding_iou", "IoU"),
-    ("Response length", "response_length", "eval/hard/response_length", "tokens"),
+    ("Accuracy", "accuracy", "accuracy"),
+    ("Tool calls / trajectory", "zooms_per_trajectory", "calls"),
+    ("Grounding IoU", "grounding_iou", "IoU"),
+    ("Response length", "response_length", "tokens"),
 )
 
 BG = (255, 255, 255)
@@ -178,20 +179,20 @@ def draw_panel(draw, box, title, ylabel, records, key, extra_key, smoothing, fon
         ly += 15
 
 
-def render(records: Sequence[dict], width: int, height: int, smoothing: float) -> Image.Image:
+def render(records: Sequence[dict], width: int, height: int, smoothing: float, eval_group: str = "all") -> Image.Image:
     img = Image.new("RGB", (width, height), BG)
     draw = ImageDraw.Draw(img)
     fonts = (_font(15), _font(11))
     n = len(PANELS)
     pw = width / n
-    for i, (title, key, extra, ylabel) in enumerate(PANELS):
+    for i, (title, key, ylabel) in enumerate(PANELS):
         box = (int(i * pw), 0, int((i + 1) * pw), height)
-        draw_panel(draw, box, title, ylabel, records, key, extra, smoothing, fonts)
+        draw_panel(draw, box, title, ylabel, records, key, f"eval/{eval_group}/{key}", smoothing, fonts)
     return img
 
 
 def plot(workdir: str, out: str | None = None, width: int = 1600, height: int = 420,
-         smoothing: float = 0.9) -> str:
+         smoothing: float = 0.9, eval_group: str = "all") -> str:
     records = load_records(os.path.join(workdir, METRICS_FILE))
     if not 0 <= smoothing < 1:
         raise PlotError(f"--smoothing must be in [0, 1), got {smoothing}")
@@ -199,5 +200,5 @@ def plot(workdir: str, out: str | None = None, width: int = 1600, height: int = 
         raise PlotError(f"image too small: {width}x{height} (min 400x200)")
     out = out or os.path.join(workdir, "dynamics.png")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    render(records, width, height, smoothing).save(out, format="PNG")
+    render(records, width, height, smoothing, eval_group).save(out, format="PNG")
     return out

@@ -22,8 +22,9 @@ import optax
 import transformers
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
-from deepeyes_jax.data import vstar_mini_sft as tasks
+from deepeyes_jax.vstar_mini import tasks
 from deepeyes_jax.data.tokenizer import build_tokenizer, default_corpus
 from deepeyes_jax.models.qwen2_5_vl import Qwen2_5_VL, from_pretrained, save_pretrained
 from deepeyes_jax.models.qwen2_5_vl.presets import for_tokenizer
@@ -76,7 +77,7 @@ def _batches(source, tokenizer, budgets, shapes, *, batch, weights, seed, steps,
 
 
 def train(model, tokenizer, source, budgets: tasks.Budgets, shapes: Shapes, *, steps: int, batch: int,
-          learning_rate: float, warmup: int, weights: dict, seed: int, put, log_every: int = 25):
+          learning_rate: float, warmup: int, weights: dict, seed: int, put, fetch, log_every: int = 25):
     """Run the supervised stage on `model` in place of its parameters; -> (params, report dict)."""
     schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup, 1), max(steps, warmup + 1),
                                                   learning_rate * 0.1)
@@ -89,7 +90,7 @@ def train(model, tokenizer, source, budgets: tasks.Budgets, shapes: Shapes, *, s
                                       steps=steps)):
         params, opt_state, metrics = step(params, opt_state, put(traj))
         if (i + 1) % log_every == 0 or i + 1 == steps:
-            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            m = {k: float(v) for k, v in fetch(metrics).items()}
             history.append(dict(step=i + 1, seconds=time.perf_counter() - t0, **m))
             logging.info("sft step %d/%d: loss %.4f token accuracy %.3f (%.0f s)", i + 1, steps, m["loss"],
                          m["token_accuracy"], time.perf_counter() - t0)
@@ -113,14 +114,20 @@ def fan_in_init(params, seed: int):
     return jax.tree_util.tree_map_with_path(draw, params)
 
 
-def load_or_train(directory: str, *, model_config, vocab_size: int, source, budgets, shapes, sft, mesh, put,
+def load_or_train(directory: str, *, model_config, vocab_size: int, source, budgets, shapes, sft, mesh, put, fetch,
                   seed: int):
-    """-> (tokenizer, model, report). Loads `directory` if it holds a finished base model, else trains one."""
+    """-> (tokenizer, model, report). Loads `directory` if it holds a finished base model, else trains one.
+
+    With several processes every one trains (the same batches, sharded), process 0 writes the files."""
     done = os.path.join(directory, REPORT)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("vstar_mini_base_model_check")
     if os.path.exists(done):
         tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+        c = model_config
         with jax.transfer_guard("allow"):
-            model = from_pretrained(directory, mesh=mesh, dtype=model_config.dtype)
+            model = from_pretrained(directory, mesh=mesh, dtype=c.param_dtype, compute_dtype=c.dtype,
+                                    axis_rules=c.axis_rules, remat=c.remat, attention_chunk=c.attention_chunk)
         with open(done) as f:
             report = json.load(f)
         logging.info("base model loaded from %s", directory)
@@ -133,13 +140,15 @@ def load_or_train(directory: str, *, model_config, vocab_size: int, source, budg
         model = nnx.merge(graphdef, jax.jit(fan_in_init, static_argnums=1)(params, seed))
     params, report = train(model, tokenizer, source, budgets, shapes, steps=sft.steps, batch=sft.batch,
                            learning_rate=sft.learning_rate, warmup=sft.warmup, weights=dict(sft.task_weights),
-                           seed=seed, put=put)
+                           seed=seed, put=put, fetch=fetch)
     model = nnx.merge(graphdef, params)
-    os.makedirs(directory, exist_ok=True)
     with jax.transfer_guard("allow"):
         save_pretrained(model, directory)
-    tokenizer.save_pretrained(directory)
-    with open(done + ".tmp", "w") as f:  # written last: its presence marks a complete base model
-        json.dump(report, f, indent=1)
-    os.replace(done + ".tmp", done)
+    if jax.process_index() == 0:
+        tokenizer.save_pretrained(directory)
+        with open(done + ".tmp", "w") as f:  # written last: its presence marks a complete base model
+            json.dump(report, f, indent=1)
+        os.replace(done + ".tmp", done)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("vstar_mini_base_model_written")
     return tokenizer, model, report

@@ -1,6 +1,6 @@
 """Linear read-outs of a model's image tokens: what the language model could know about a V*-mini scene.
 
-    linear_readout(model, scenes, max_pixels, put) -> {"position_r2", "small_object_accuracy", "small_object_majority"}
+    linear_readout(model, scenes, max_pixels, put, fetch) -> {"position_r2", "small_object_accuracy", "small_object_majority"}
 
 Each merged image token of a scene shown under `max_pixels` covers a square of the original image. Least
 squares on the tokens of the first 2/3 of the scenes, scored on the rest, measures (a) whether a token's
@@ -17,7 +17,7 @@ from flax import nnx
 from deepeyes_jax.data import image_processing as ip
 
 
-def _features(model, scenes, max_pixels: int, put):
+def _features(model, scenes, max_pixels: int, put, fetch):
     """-> (float[S, T, D] image tokens, (rows, cols) of the token grid)."""
     graphdef, state = nnx.split(model)
     encode = jax.jit(lambda st, pv, grid: nnx.merge(graphdef, st).encode_images(pv, grid))
@@ -27,7 +27,7 @@ def _features(model, scenes, max_pixels: int, put):
         if grid is not None and tuple(g) != grid:
             raise ValueError(f"scenes must share one size; got grids {grid} and {tuple(g)}")
         grid = tuple(int(v) for v in g)
-        feats.append(np.asarray(jax.device_get(encode(state, *put((pv, np.asarray([grid], np.int32)))))))
+        feats.append(fetch(encode(state, *put((pv, np.asarray([grid], np.int32))))))
     merge = model.config.vision.spatial_merge_size
     return np.stack(feats), (grid[1] // merge, grid[2] // merge)
 
@@ -38,10 +38,10 @@ def _fit_predict(x_fit, y_fit, x_eval):
     return design(x_eval) @ coef
 
 
-def linear_readout(model, scenes, max_pixels: int, put) -> dict:
+def linear_readout(model, scenes, max_pixels: int, put, fetch) -> dict:
     if len(scenes) < 3:
         raise ValueError(f"linear_readout needs at least 3 scenes (fit on 2/3, score on 1/3), got {len(scenes)}")
-    feats, (rows, cols) = _features(model, scenes, max_pixels, put)
+    feats, (rows, cols) = _features(model, scenes, max_pixels, put, fetch)
     s, t, d = feats.shape
     height, width = scenes[0]["image"].shape[:2]
     rc = np.stack(np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij"), -1).reshape(t, 2).astype(np.float64)

@@ -17,7 +17,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from deepeyes_jax.data.vstar_mini import WorldConfig, make_scene
+from deepeyes_jax.vstar_mini.world import WorldConfig, make_scene
 
 _META = ("options", "objects", "target_ids", "data_source")  # stored together as JSON
 _TEXT = ("question", "question_text", "answer", "answer_letter", "kind")

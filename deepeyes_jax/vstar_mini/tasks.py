@@ -25,33 +25,34 @@ import math
 
 import numpy as np
 
-from deepeyes_jax.data import vstar_mini
+from deepeyes_jax.data import chat
 from deepeyes_jax.data.tokenizer import COMPACT_SYSTEM_PROMPT, SYSTEM_PROMPT, USER_PROMPT
-from deepeyes_jax.rollout.inputs import prompt_parts
+from deepeyes_jax.rollout.zoom import CropSpec
 from deepeyes_jax.sft.conversation import Image, Reply, Text
+from deepeyes_jax.vstar_mini import world
 
 TASKS = ("scene", "easy", "closeup", "second", "observed", "grounding", "tool_call")
 
 
 @dataclasses.dataclass(frozen=True)
 class Budgets:
-    """Pixel budgets: the scene as the model first sees it, and a zoomed crop (= the rollout's CropSpec)."""
+    """Pixel budgets: the scene as the model first sees it (`data.max_pixels`), and a zoomed crop (the rollout's
+    own CropSpec)."""
     scene_max_pixels: int
-    crop_min_pixels: int
-    crop_max_pixels: int
+    crop: CropSpec
     tool_pad: int = 16  # the tool-call box is the target box grown by this much (boxes need sides > 30 px)
     # > 0: boxes (tool calls, grounding answers) are the target box snapped outward to this grid instead:
     # only a few coordinate values to learn, and the box always contains the target.
     box_grid: int = 0
     system_prompt: str = SYSTEM_PROMPT
     tool_prior: float = 0.1  # "scene" task: fraction of questions met with a tool call
-    kinds: tuple = vstar_mini.HARD_KINDS + vstar_mini.EASY_KINDS  # question kinds the tasks may ask
+    kinds: tuple = world.HARD_KINDS + world.EASY_KINDS  # question kinds the tasks may ask
 
 
 def prompt(image, question: str, budgets: Budgets, *, pixels: tuple[int, int] | None = None) -> list:
-    """The rollout's first prompt (`rollout.inputs.prompt_text`) as segments; `pixels` = (min, max) budget
-    of the image (default: the scene's)."""
-    before, after = prompt_parts(question, budgets.system_prompt)
+    """The rollout's first prompt (DeepEyes' layout, `data.chat.deepeyes_prompt`) as segments; `pixels` =
+    (min, max) budget of the image (default: the scene's)."""
+    before, after = chat.render(chat.deepeyes_prompt(question, budgets.system_prompt))
     return [Text(before), Image(image, *(pixels or (1, budgets.scene_max_pixels))), Text(after)]
 
 
@@ -67,7 +68,7 @@ def tool_call(think: str, box) -> str:
 def zoom_box(box, budgets: Budgets, size: int) -> list[float]:
     """The box to zoom on (and to answer "where is X?" with) for target box `box` on a size x size image."""
     if not budgets.box_grid:
-        return vstar_mini.crop_box(box, pad=budgets.tool_pad, size=size)
+        return world.crop_box(box, pad=budgets.tool_pad, size=size)
     g = budgets.box_grid
     return [float(g * math.floor(box[0] / g)), float(g * math.floor(box[1] / g)),
             float(min(size, g * math.ceil(box[2] / g))), float(min(size, g * math.ceil(box[3] / g)))]
@@ -76,7 +77,7 @@ def zoom_box(box, budgets: Budgets, size: int) -> list[float]:
 def observation(crop, budgets: Budgets) -> list:
     """The zoom tool's observation turn showing `crop` (uint8[h, w, 3]), as the rollout templates it."""
     return [Text("\n<|im_start|>user\n<tool_response>"),
-            Image(crop, budgets.crop_min_pixels, budgets.crop_max_pixels),
+            Image(crop, budgets.crop.min_pixels, budgets.crop.max_pixels),
             Text(f"{USER_PROMPT}</tool_response><|im_end|>\n<|im_start|>assistant\n")]
 
 
@@ -130,7 +131,7 @@ def _crop(scene, target_ids, rng, size):
     box = _union([scene["objects"][i]["box"] for i in target_ids])
     pad = float(rng.uniform(8, 32))
     shift = rng.uniform(-pad / 2, pad / 2, size=2)
-    return cut(scene["image"], vstar_mini.crop_box(
+    return cut(scene["image"], world.crop_box(
         [box[0] + shift[0], box[1] + shift[1], box[2] + shift[0], box[3] + shift[1]], pad=pad, size=size))
 
 
@@ -139,12 +140,12 @@ def example(scene: dict, task: str, rng, budgets: Budgets) -> list:
     objs, size = scene["objects"], scene["image"].shape[0]
     large = [i for i, o in enumerate(objs) if o["size"] == "large"]
 
-    easy_kinds = [k for k in vstar_mini.EASY_KINDS if k in budgets.kinds] or list(vstar_mini.EASY_KINDS)
+    easy_kinds = [k for k in world.EASY_KINDS if k in budgets.kinds] or list(world.EASY_KINDS)
 
     def easy_turn():
         kind = easy_kinds[int(rng.integers(len(easy_kinds)))]
-        q, opts, ans = vstar_mini.question_for(objs, large, kind, rng)
-        return prompt(scene["image"], vstar_mini.format_question(q, opts), budgets), \
+        q, opts, ans = world.question_for(objs, large, kind, rng)
+        return prompt(scene["image"], world.format_question(q, opts), budgets), \
             Reply(answer("The large object is clearly visible.", ans))
 
     if task == "scene":
@@ -159,9 +160,9 @@ def example(scene: dict, task: str, rng, budgets: Budgets) -> list:
         return segs + [reply]
     kind, ids = _small_targets(scene, rng, budgets.kinds)
     name = target_name(scene, ids)
-    crop = Image(_crop(scene, ids, rng, size), budgets.crop_min_pixels, budgets.crop_max_pixels)
-    q, opts, ans = vstar_mini.question_for(objs, ids, kind, rng)
-    hard_q = vstar_mini.format_question(q, opts)
+    crop = Image(_crop(scene, ids, rng, size), budgets.crop.min_pixels, budgets.crop.max_pixels)
+    q, opts, ans = world.question_for(objs, ids, kind, rng)
+    hard_q = world.format_question(q, opts)
     seen = Reply(answer(f"{name.capitalize()} is clearly visible.", ans))
     if task == "closeup":
         return prompt(crop.image, hard_q, budgets, pixels=(crop.min_pixels, crop.max_pixels)) + [seen]
@@ -183,9 +184,9 @@ def example(scene: dict, task: str, rng, budgets: Budgets) -> list:
         # so looking is not tied to small objects here); the answer after the zoom is never shown.
         if rng.random() < 0.25:
             easy_kind = easy_kinds[int(rng.integers(len(easy_kinds)))]
-            (q, opts, _), ids = vstar_mini.question_for(objs, large, easy_kind, rng), large
+            (q, opts, _), ids = world.question_for(objs, large, easy_kind, rng), large
             name, box = target_name(scene, large), objs[large[0]]["box"]
-        ask = f"{vstar_mini.format_question(q, opts)}Zoom in on {name} first."
+        ask = f"{world.format_question(q, opts)}Zoom in on {name} first."
         zoom = zoom_box(box, budgets, size)
         return prompt(scene["image"], ask, budgets) + [Reply(tool_call(f"I need a closer look at {name}.", zoom))]
     raise ValueError(f"unknown SFT task {task!r}; choose from {TASKS}")
@@ -195,12 +196,11 @@ def corpus(seed: int = 0) -> list[str]:
     """Tokenizer training text for V*-mini: the prompts, questions, replies and tool calls it uses."""
     rng = np.random.default_rng(seed)
     lines = [SYSTEM_PROMPT, COMPACT_SYSTEM_PROMPT, USER_PROMPT] * 16
-    world = vstar_mini.WorldConfig()
     for i in range(200):
-        scene = vstar_mini.make_scene(i, seed=seed, split="train", config=world)
+        scene = world.make_scene(i, seed=seed, split="train", config=world.WorldConfig())
         lines.append(scene["question"])
         for task in ("easy", "closeup", "observed", "grounding", "tool_call"):
-            for seg in example(scene, task, rng, Budgets(112 * 112, 112 * 112, 112 * 112)):
+            for seg in example(scene, task, rng, Budgets(112 * 112, CropSpec(448, 448, 112 * 112, 112 * 112))):
                 if isinstance(seg, (Text, Reply)):
                     lines.append(seg.text)
     return lines

@@ -16,14 +16,14 @@ import optax
 import PIL.Image
 from flax import nnx
 
-from deepeyes_jax.data import image_processing
+from deepeyes_jax.data import chat, image_processing
 from deepeyes_jax.data.tokenizer import build_tokenizer
-from deepeyes_jax.models.qwen2_5_vl import ModelConfig, Qwen2_5_VL, TextConfig, VisionConfig
-from deepeyes_jax.models.qwen2_5_vl.presets import for_tokenizer
+from deepeyes_jax.models.qwen2_5_vl import Qwen2_5_VL
 from deepeyes_jax.rollout import tools
 from deepeyes_jax.rollout.config import RolloutConfig, make_templates
 from deepeyes_jax.rollout.inputs import make_batch
 from deepeyes_jax.rollout.zoom import CropSpec
+from deepeyes_jax.testing.factory import tiny_config
 
 IMAGE_HW = (168, 224)
 PROMPT_PIXELS = 168 * 224
@@ -58,11 +58,7 @@ class Setup:
     def __init__(self, scripts=SCRIPTS):
         self.scripts = scripts
         self.tokenizer = tok = build_tokenizer(vocab_size=1024)
-        self.config = for_tokenizer(ModelConfig(
-            text=TextConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                            num_key_value_heads=2, mrope_section=(4, 6, 6)),
-            vision=VisionConfig(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
-                                fullatt_block_indexes=(1,))), tok)
+        self.config = tiny_config(tok, width=128, vision_width=64)
         self.templates = make_templates(tok)
         self.table = tools.token_bytes(tok)
         self.crop = CropSpec(image_height=IMAGE_HW[0], image_width=IMAGE_HW[1], min_pixels=CROP_MIN,
@@ -73,7 +69,8 @@ class Setup:
     def make_batch(self, rows):
         """Static-shape rollout inputs for the given script rows (repeats allowed)."""
         rows = list(rows)
-        return make_batch(self.tokenizer, [self.scripts[r][0] for r in rows], [self.images[r % len(self.images)]
+        return make_batch(self.tokenizer, [chat.deepeyes_prompt(self.scripts[r][0]) for r in rows],
+                          [self.images[r % len(self.images)]
                           for r in rows], prompt_len=448, num_patches=192, image_hw=IMAGE_HW, max_pixels=PROMPT_PIXELS)
 
     def rollout_config(self, **kw):

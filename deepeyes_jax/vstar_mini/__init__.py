@@ -1,0 +1,1 @@
+"""V*-mini: a procedural V*-Bench-style world where tool use must emerge (an experiment on the generic trainer)."""
