@@ -45,7 +45,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.mesh = (1, -1, 1)  # (data, fsdp, tensor): parameters, optimizer state and rows over every chip
     c.export_hf = True
 
-    c.model = section(ModelSpec(preset="7b", param_dtype="float32", compute_dtype="bfloat16", remat=True))
+    c.model = section(ModelSpec(preset="7b", param_dtype="float32", compute_dtype="bfloat16", remat=True,
+                                kv_cache_dtype="bfloat16"))
     c.data = section(DataConfig(seed=1, prompt_len=8192, num_patches=4 * 8192, min_pixels=FETCH_IMAGE_MIN,
                                 max_pixels=FETCH_IMAGE_MAX, answer_bytes=256))
     c.rollout = section(RolloutConfig(

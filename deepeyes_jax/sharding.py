@@ -65,6 +65,16 @@ def make_mesh(shape: Sequence[int], axis_names: Sequence[str] = MESH_AXES, devic
     )
 
 
+def without_fsdp_on_parameters(rules: AxisRules) -> AxisRules:
+    """The rules with `fsdp` dropped from every parameter axis (activation rules unchanged): the decoding layout,
+    weights whole on every fsdp shard (still split over `tensor`), so that a decode step reads local weights."""
+    def drop(target):
+        kept = tuple(a for a in ((target,) if isinstance(target, str) else tuple(target or ())) if a != "fsdp")
+        return None if not kept else kept[0] if len(kept) == 1 else kept
+
+    return tuple((name, target if name.startswith("activation_") else drop(target)) for name, target in rules)
+
+
 def logical_to_spec(
     logical_axes: Sequence[str | None],
     rules: AxisRules,

@@ -14,7 +14,7 @@ from deepeyes_jax.data.tokenizer import build_tokenizer
 from deepeyes_jax.eval import evaluator as ev
 from deepeyes_jax.rl import metrics
 from deepeyes_jax.rollout import config as rc
-from deepeyes_jax.rollout import tools
+from deepeyes_jax.rollout import tools, zoom
 from deepeyes_jax.sft.conversation import Image, Reply, Shapes, Text, pack
 
 Z, A, E, N = tools.STATUS_ZOOM, tools.STATUS_ANSWER, tools.STATUS_ERROR, tools.STATUS_NONE
@@ -72,15 +72,18 @@ def test_summary_per_category_and_nan_without_a_defined_row():
     assert math.isclose(s["hard/grounding_iou"], ((1 + 1 / 7) / 2 + 1 / 7) / 2, rel_tol=1e-6)
 
 
-def test_crop_image_recovers_what_the_model_saw():
+def test_stored_crop_frames_are_exactly_what_the_model_saw():
+    """Trajectories keep uint8 patch frames: the rendered crop is PIL's resize itself, and the pixel values
+    expanded from the frames are the processor's, bit for bit."""
     rng = np.random.default_rng(0)
     crop = rng.integers(0, 256, (70, 50, 3), dtype=np.uint8)
-    pv, grid = ip.preprocess_image(crop, min_pixels=112 * 112, max_pixels=112 * 112)
-    padded = np.concatenate([pv, np.zeros((10, pv.shape[1]), np.float32)])
+    frames, grid = ip.preprocess_frames(crop, min_pixels=112 * 112, max_pixels=112 * 112)
+    padded = np.concatenate([frames, np.zeros((10, frames.shape[1]), np.uint8)])
     seen = np.asarray(PIL.Image.fromarray(crop).resize((grid[2] * 14, grid[1] * 14), PIL.Image.BICUBIC))
-    out = ev.crop_image(padded, grid)
-    assert out.shape == seen.shape
-    assert np.abs(out.astype(int) - seen.astype(int)).max() <= 1  # float32 normalise round trip
+    np.testing.assert_array_equal(ip.image_from_frames(padded, grid), seen)
+    pv, _ = ip.preprocess_image(crop, min_pixels=112 * 112, max_pixels=112 * 112)
+    np.testing.assert_array_equal(np.asarray(zoom.pixel_values_from_frames(jnp.asarray(frames))), pv)
+    np.testing.assert_array_equal(ip.pixel_values_from_frames(frames), pv)
 
 
 def test_turns_of_splits_assistant_turns_and_attaches_crops():

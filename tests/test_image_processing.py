@@ -156,10 +156,12 @@ def test_patchify_matches_hf_and_roundtrips():
     # Row 1 is the patch right of row 0 (same 2x2 window); row 2 is the patch below row 0.
     np.testing.assert_array_equal(p[1].reshape(3, 2, 14, 14)[:, 0], x[:, 0:14, 14:28])
     np.testing.assert_array_equal(p[2].reshape(3, 2, 14, 14)[:, 1], x[:, 14:28, 0:14])
-    np.testing.assert_array_equal(ip.unpatchify(p, (1, 6, 10)), x)
-    for bad_grid in [(1, 6, 12), (1, 3, 20), (2, 6, 10)]:  # wrong count, odd grid, t != 1
+    frames = ip.patch_frames(x)
+    np.testing.assert_array_equal(frames, p.reshape(60, 3, 2, 196)[:, :, 0].reshape(60, 588))
+    np.testing.assert_array_equal(ip.image_from_frames(frames, (1, 6, 10)), x.transpose(1, 2, 0))
+    for bad_grid in [(1, 6, 12), (1, 3, 20), (2, 6, 10)]:  # too few frames, odd grid, t != 1
         with pytest.raises(ValueError, match="grid_thw"):
-            ip.unpatchify(p, bad_grid)
+            ip.image_from_frames(frames, bad_grid)
     with pytest.raises(ValueError, match=r"image_chw.*\(3, 84, 130\)"):
         ip.patchify(x[:, :, :130])
 

@@ -1,4 +1,4 @@
-"""Dependencies point down the layers: data, sharding <- models <- rollout <- rl <- sft, eval <- train <- experiment
+"""Dependencies point down the layers: data, sharding, flops <- models <- rollout <- rl <- sft, eval <- train <- experiment
 packages (vstar_mini) and test helpers <- launch and configs. No generic package imports an experiment, the
 library never imports torch, benchmarks never import the tests."""
 
@@ -6,9 +6,9 @@ import ast
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RANK = {"sharding": 0, "data": 0, "models": 1, "rollout": 2, "rl": 3, "sft": 4, "eval": 4, "train": 5,
+RANK = {"sharding": 0, "flops": 0, "data": 0, "models": 1, "rollout": 2, "rl": 3, "sft": 4, "eval": 4, "train": 5,
         "vstar_mini": 6, "testing": 6, "launch": 7, "configs": 7, "benchmarks": 7}
-GENERIC = ("sharding", "data", "models", "rollout", "rl", "sft", "eval", "train")
+GENERIC = ("sharding", "flops", "data", "models", "rollout", "rl", "sft", "eval", "train")
 
 
 def _imports(path):

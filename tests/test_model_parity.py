@@ -14,7 +14,8 @@ import hf_reference as H
 from deepeyes_jax.models import qwen2_5_vl as q
 from deepeyes_jax.models.qwen2_5_vl.model import jit_forward
 from deepeyes_jax.models.qwen2_5_vl.rope import mrope_cos_sin, vision_cos_sin
-from deepeyes_jax.models.qwen2_5_vl.vision import band_attention, segment_attention, vision_layout
+from deepeyes_jax.models.flash_attention import segment_attention
+from deepeyes_jax.models.qwen2_5_vl.vision import band_attention, vision_layout
 
 TOL = 1e-4
 
@@ -141,7 +142,7 @@ def test_vision_block_matches_transformers(pair, block_index, full):
         ref = hf.model.visual.blocks[block_index](
             H.to_torch(x), cu_seqlens=cu_full if full else cu_window,
             position_embeddings=(H.to_torch(cos), H.to_torch(sin)))
-    attend = ((lambda a, b, c: segment_attention(a, b, c, lay.frame_seg)) if full else
+    attend = ((lambda a, b, c: segment_attention(a, b, c, lay.frame_seg, block=64)) if full else
               (lambda a, b, c: band_attention(a, b, c, lay.window_seg, 64)))
     assert_close(H.to_numpy(ref), ours.visual.blocks[block_index](x, cos, sin, attend))
 
@@ -185,7 +186,7 @@ def test_decoder_layer_and_mrope_match_transformers(pair):
     with torch.no_grad():
         ref = text.layers[1](H.to_torch(x), attention_mask=H.to_torch(additive),
                              position_embeddings=(hf_cos, hf_sin))
-    got, _ = ours.model.layers[1](x, cos, sin, allowed)
+    got, _ = ours.model.layers[1](x, cos, sin, mask.astype(bool))  # causal over valid slots, no [B, T, T] mask
     assert_close(H.to_numpy(ref), got, where=mask.astype(bool))
 
 

@@ -5,6 +5,7 @@ import jax
 import numpy as np
 import pytest
 
+from deepeyes_jax.data import image_processing as ip
 from deepeyes_jax.models.qwen2_5_vl import mrope_position_ids
 from deepeyes_jax.models.qwen2_5_vl.model import jit_forward
 from deepeyes_jax.rollout import config as rc
@@ -65,7 +66,7 @@ def _full_forward_inputs(traj):
         grids.append(g)
         for k in range(int(traj.num_crops[r])):
             g = np.asarray(traj.crop_grid_thw[r, k])
-            pixels.append(np.asarray(traj.crop_pixel_values[r, k])[:int(np.prod(g))])
+            pixels.append(ip.pixel_values_from_frames(np.asarray(traj.crop_frames[r, k])[:int(np.prod(g))]))
             grids.append(g)
     return np.concatenate(pixels), np.stack(grids).astype(np.int32)
 
@@ -163,6 +164,12 @@ def test_same_trajectories_on_a_device_mesh(fitted, tmp_path):
         np.testing.assert_array_equal(_row(traj, i)[0], want_ids, err_msg=f"row {i}")
     hlo = rollout.jitted.lower(params, batch, jax.random.key(0), setup.table).as_text()
     assert hlo.count("sharding_constraint") > 0
+    # Every trajectory field leaves the compiled program split along rows over data x fsdp (4 ways), none
+    # replicated (crops included); the row axis of position_ids is 1.
+    compiled = rollout.jitted.lower(params, batch, jax.random.key(0), setup.table).compile()
+    for name, x, sharding in zip(traj._fields, traj, compiled.output_shardings):
+        axis = 1 if name == "position_ids" else 0
+        assert sharding.shard_shape(x.shape)[axis] == x.shape[axis] // 4, (name, sharding)
 
 
 def test_bbox_frame_scales():

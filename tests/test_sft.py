@@ -11,6 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
+from deepeyes_jax.data import image_processing as ip
 from deepeyes_jax.data import chat
 from deepeyes_jax.data.tokenizer import COMPACT_SYSTEM_PROMPT, build_tokenizer, default_corpus
 from deepeyes_jax.models.qwen2_5_vl.model import jit_forward
@@ -89,7 +90,7 @@ def test_scores_equal_the_model_forward_over_two_images(tokenizer, scenes, model
     forward = jit_forward(model)
     for i in range(len(convs)):
         n, g0, g1 = int(traj.length[i]), traj.prompt_grid_thw[i], traj.crop_grid_thw[i, 0]
-        pv = np.concatenate([traj.prompt_pixel_values[i, :np.prod(g0)], traj.crop_pixel_values[i, 0, :np.prod(g1)]])
+        pv = np.concatenate([traj.prompt_pixel_values[i, :np.prod(g0)], ip.pixel_values_from_frames(traj.crop_frames[i, 0, :np.prod(g1)])])
         logits = forward(traj.tokens[i:i + 1, :n], pixel_values=pv, image_grid_thw=np.stack([g0, g1]))
         logp = jax.nn.log_softmax(np.asarray(logits[0], np.float32), axis=-1)
         picked = logp[np.arange(n - 1), traj.tokens[i, 1:n]]

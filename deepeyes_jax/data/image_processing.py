@@ -15,6 +15,7 @@ MERGE_SIZE = 2
 TEMPORAL_PATCH_SIZE = 2
 FACTOR = PATCH_SIZE * MERGE_SIZE  # resized sides are multiples of this (28)
 PATCH_DIM = 3 * TEMPORAL_PATCH_SIZE * PATCH_SIZE * PATCH_SIZE  # 1176
+PATCH_VALUES = 3 * PATCH_SIZE * PATCH_SIZE  # 588: one frame of a patch as uint8 (a still image's T copies are equal)
 IMAGE_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)  # OpenAI CLIP
 IMAGE_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 # The processor's class defaults in transformers 5.23 (size shortest_edge / longest_edge). The
@@ -47,32 +48,46 @@ def smart_resize(height, width, *, factor=FACTOR, min_pixels=DEFAULT_MIN_PIXELS,
     return h_bar, w_bar
 
 
-def patchify(image_chw):
-    """float32[3, H, W] (H, W multiples of 28) -> float32[H/14 * W/14, 1176].
+def patch_frames(image_chw):
+    """[3, H, W] (H, W multiples of 28) -> [H/14 * W/14, 588], any dtype: one frame per patch.
 
     Rows go in 2x2 merge-window order (window row, window col, row in window, col in window) so
-    the vision merger can fold 4 consecutive rows; each row flattens (C, T=2, 14, 14) with the
-    still image repeated along T."""
+    the vision merger can fold 4 consecutive rows; each row flattens (C, 14, 14)."""
     c, h, w = image_chw.shape
     if c != 3 or h % FACTOR or w % FACTOR or h == 0 or w == 0:
         raise ValueError(
             f"image_chw must be [3, H, W], H and W multiples of {FACTOR}, got {image_chw.shape}")
     gh, gw = h // PATCH_SIZE, w // PATCH_SIZE
-    x = np.asarray(image_chw, np.float32).reshape(
+    x = np.asarray(image_chw).reshape(
         3, gh // MERGE_SIZE, MERGE_SIZE, PATCH_SIZE, gw // MERGE_SIZE, MERGE_SIZE, PATCH_SIZE)
-    x = x.transpose(1, 4, 2, 5, 0, 3, 6)[:, :, :, :, :, None]
-    x = np.broadcast_to(x, (*x.shape[:5], TEMPORAL_PATCH_SIZE, PATCH_SIZE, PATCH_SIZE))
-    return x.reshape(gh * gw, PATCH_DIM)
+    return x.transpose(1, 4, 2, 5, 0, 3, 6).reshape(gh * gw, PATCH_VALUES)
 
 
-def unpatchify(patches, grid_thw):
-    """Inverse of `patchify`: float32[h*w, 1176], grid_thw (1, h, w) -> float32[3, 14h, 14w]."""
+def patchify(image_chw):
+    """float32[3, H, W] (H, W multiples of 28) -> float32[H/14 * W/14, 1176]: `patch_frames` with each row
+    flattened (C, T=2, 14, 14), the still image repeated along T."""
+    x = patch_frames(np.asarray(image_chw, np.float32)).reshape(-1, 3, 1, PATCH_SIZE * PATCH_SIZE)
+    return np.broadcast_to(x, (x.shape[0], 3, TEMPORAL_PATCH_SIZE, PATCH_SIZE * PATCH_SIZE)).reshape(-1, PATCH_DIM)
+
+
+def pixel_values_from_frames(frames):
+    """uint8[..., 588] patch frames -> the processor's float32[..., 1176]: x * (1/255) in float64, cast to
+    float32, (x - mean) / std in float32, repeated along T (bit-for-bit the processor's values)."""
+    frames = np.asarray(frames)
+    x = (frames.astype(np.float64) * (1 / 255)).astype(np.float32).reshape(*frames.shape[:-1], 3, 1, -1)
+    x = (x - IMAGE_MEAN[:, None, None]) / IMAGE_STD[:, None, None]
+    return np.broadcast_to(x, (*x.shape[:-2], TEMPORAL_PATCH_SIZE, x.shape[-1])).reshape(*frames.shape[:-1],
+                                                                                         PATCH_DIM)
+
+
+def image_from_frames(frames, grid_thw) -> np.ndarray:
+    """Inverse of `patch_frames` for a still image: uint8[h*w, 588] (at least), grid (1, h, w) -> uint8[14h, 14w, 3]."""
     t, gh, gw = (int(v) for v in grid_thw)
-    if t != 1 or gh % MERGE_SIZE or gw % MERGE_SIZE or patches.shape != (gh * gw, PATCH_DIM):
-        raise ValueError(f"patches {patches.shape} do not match grid_thw {tuple(grid_thw)}")
-    x = patches.reshape(gh // MERGE_SIZE, gw // MERGE_SIZE, MERGE_SIZE, MERGE_SIZE, 3,
-                        TEMPORAL_PATCH_SIZE, PATCH_SIZE, PATCH_SIZE)[:, :, :, :, :, 0]
-    return x.transpose(4, 0, 2, 5, 1, 3, 6).reshape(3, gh * PATCH_SIZE, gw * PATCH_SIZE)
+    if t != 1 or gh % MERGE_SIZE or gw % MERGE_SIZE or len(frames) < gh * gw:  # (padded slots are longer)
+        raise ValueError(f"frames {np.shape(frames)} do not match grid_thw {tuple(grid_thw)}")
+    x = np.asarray(frames)[:gh * gw].reshape(gh // MERGE_SIZE, gw // MERGE_SIZE, MERGE_SIZE, MERGE_SIZE, 3,
+                                            PATCH_SIZE, PATCH_SIZE)
+    return x.transpose(0, 2, 5, 1, 3, 6, 4).reshape(gh * PATCH_SIZE, gw * PATCH_SIZE, 3)
 
 
 def _to_rgb_pil(image):
@@ -97,17 +112,20 @@ def _to_rgb_pil(image):
 def preprocess_image(image, *, min_pixels=None, max_pixels=None):
     """PIL.Image or uint8[H, W, 3] -> (pixel_values float32[N, 1176], grid_thw int64[3]),
     N = grid_thw.prod(). None means the DEFAULT_* pixel bounds."""
+    frames, grid_thw = preprocess_frames(image, min_pixels=min_pixels, max_pixels=max_pixels)
+    return pixel_values_from_frames(frames), grid_thw
+
+
+def preprocess_frames(image, *, min_pixels=None, max_pixels=None):
+    """Like `preprocess_image`, stopping before the normalisation: (uint8[N, 588] patch frames, grid_thw)."""
     rgb = _to_rgb_pil(image)
     h, w = smart_resize(rgb.height, rgb.width,
                         min_pixels=DEFAULT_MIN_PIXELS if min_pixels is None else min_pixels,
                         max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels)
-    # Resampling must happen on uint8 (HF converts to uint8 PIL before resizing), and rescale goes
-    # through float64 before the float32 normalise, so the float32 values round identically.
+    # Resampling must happen on uint8 (HF converts to uint8 PIL before resizing).
     x = np.asarray(rgb.resize((w, h), resample=PIL.Image.BICUBIC))
-    x = (x.astype(np.float64) * (1 / 255)).astype(np.float32)
-    x = (x - IMAGE_MEAN) / IMAGE_STD
     grid_thw = np.array([1, h // PATCH_SIZE, w // PATCH_SIZE], dtype=np.int64)
-    return patchify(x.transpose(2, 0, 1)), grid_thw
+    return patch_frames(x.transpose(2, 0, 1)), grid_thw
 
 
 def preprocess_images(images, **kw):

@@ -129,14 +129,6 @@ def take_rows(traj: Trajectories, rows: list[int]) -> Trajectories:
         return jax.device_get(jax.jit(take)(traj))
 
 
-def crop_image(pixel_values, grid_thw) -> np.ndarray:
-    """A crop as the model saw it: normalised patches float32[N, 1176] + grid -> uint8[h, w, 3]."""
-    n = int(np.prod(grid_thw))
-    chw = ip.unpatchify(np.asarray(pixel_values[:n]), grid_thw)
-    x = chw.transpose(1, 2, 0) * ip.IMAGE_STD + ip.IMAGE_MEAN
-    return np.clip(np.round(x * 255), 0, 255).astype(np.uint8)
-
-
 def turns_of(traj, row: int, tokenizer) -> list[dict]:
     """The assistant turns of one trajectory row (host arrays), for `eval.render.render_trajectory`."""
     mask = np.asarray(traj.loss_mask[row])
@@ -148,7 +140,7 @@ def turns_of(traj, row: int, tokenizer) -> list[dict]:
         turn = dict(text=text.removesuffix("<|im_end|>"), bbox=None, crop=None, error=None)
         if zoomed[t]:
             turn["bbox"] = [float(v) for v in traj.turn_bbox[row, t]]
-            turn["crop"] = crop_image(traj.crop_pixel_values[row, crops], traj.crop_grid_thw[row, crops])
+            turn["crop"] = ip.image_from_frames(traj.crop_frames[row, crops], traj.crop_grid_thw[row, crops])
             crops += 1
         elif int(traj.turn_status[row, t]) == tools.STATUS_ERROR:
             turn["error"] = tools.ERROR_MESSAGES.get(int(traj.turn_error[row, t]), "invalid tool call")

@@ -104,6 +104,17 @@ class GatedMLP(nnx.Module):
         return self.down_proj(h)
 
 
+def remat_call(module: nnx.Module, *args, **static):
+    """module(*args, **static), recomputed in the backward pass instead of keeping its activations.
+
+    Functional (split, then merge inside `jax.checkpoint`) rather than `nnx.remat`, so it also traces inside
+    the rollout's while_loops; there, with no backward pass, it costs nothing. `static` (callables, flags)
+    is closed over rather than traced.
+    """
+    graphdef, state = nnx.split(module)
+    return jax.checkpoint(lambda s, *a: nnx.merge(graphdef, s)(*a, **static))(state, *args)
+
+
 def rotate_half(x: jax.Array) -> jax.Array:
     x1, x2 = jnp.split(x, 2, axis=-1)
     return jnp.concatenate([-x2, x1], axis=-1)

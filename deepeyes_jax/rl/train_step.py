@@ -172,6 +172,19 @@ def _check_rows(config: TrainConfig, rows: int):
                          f"{u.mini_batches} mini x {u.micro_batches} micro batches")
 
 
+def programs(graphdef, config: TrainConfig, templates: rc.Templates, tx: optax.GradientTransformation) -> dict:
+    """The jitted programs a training step runs, by name (parameters and optimizer state donated):
+
+      train_step(params, opt_state, batch, rng, table, ref_params) -> (params, opt_state, metrics, traj, rows)
+      rollout_and_score(params, batch, rng, table) -> (traj, score)               the judged step's first half
+      update(params, opt_state, traj, score, box, has_box, ref_params) -> like train_step      its second half
+    """
+    return dict(
+        train_step=jax.jit(functools.partial(_step, graphdef, config, templates, tx), donate_argnums=(0, 1)),
+        rollout_and_score=jax.jit(functools.partial(rollout_and_score, graphdef, config, templates)),
+        update=jax.jit(functools.partial(_update, graphdef, config, tx), donate_argnums=(0, 1)))
+
+
 def make_train_step(model, tx: optax.GradientTransformation, config: TrainConfig, templates: rc.Templates,
                     table: tools.TokenBytes):
     """-> (step, params, opt_state). step(params, opt_state, batch, rng) -> (params, opt_state, metrics,
@@ -182,7 +195,7 @@ def make_train_step(model, tx: optax.GradientTransformation, config: TrainConfig
     """
     _check(config)
     graphdef, params = nnx.split(model)
-    jitted = jax.jit(functools.partial(_step, graphdef, config, templates, tx), donate_argnums=(0, 1))
+    jitted = programs(graphdef, config, templates, tx)["train_step"]
     # The frozen reference policy exists only when the KL term is on.
     ref_params = jax.tree.map(jnp.copy, params) if config.grpo.kl_coef > 0 else None
 
@@ -210,8 +223,8 @@ def make_judged_train_step(model, tx: optax.GradientTransformation, config: Trai
     """
     _check(config)
     graphdef, params = nnx.split(model)
-    score = jax.jit(functools.partial(rollout_and_score, graphdef, config, templates))
-    update = jax.jit(functools.partial(_update, graphdef, config, tx), donate_argnums=(0, 1))
+    jitted = programs(graphdef, config, templates, tx)
+    score, update = jitted["rollout_and_score"], jitted["update"]
     ref_params = jax.tree.map(jnp.copy, params) if config.grpo.kl_coef > 0 else None
     r = config.reward
     if mesh is None:

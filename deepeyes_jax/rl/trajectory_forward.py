@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from deepeyes_jax.rl import grpo
 from deepeyes_jax.rollout.sampler import Trajectories
+from deepeyes_jax.rollout.zoom import pixel_values_from_frames
 
 
 def _encode(model, pixel_values, grid):
@@ -24,7 +25,8 @@ def trajectory_embeddings(model, traj: Trajectories) -> jax.Array:
     """Input embeddings float[B, S, D] of the final trajectories with every image merged in."""
     b, k = traj.crop_grid_thw.shape[:2]
     first = jax.vmap(lambda pv, g: _encode(model, pv, g))(traj.prompt_pixel_values, traj.prompt_grid_thw)
-    crops = jax.vmap(jax.vmap(lambda pv, g: _encode(model, pv, g)))(traj.crop_pixel_values, traj.crop_grid_thw)
+    crops = jax.vmap(jax.vmap(lambda f, g: _encode(model, pixel_values_from_frames(f), g)))(traj.crop_frames,
+                                                                                          traj.crop_grid_thw)
     table = jnp.concatenate([first, crops.reshape(b, -1, crops.shape[-1])], axis=1)  # [B, U0 + K * Uc, D]
     unit = model.config.vision.merge_unit
     grids = jnp.concatenate([traj.prompt_grid_thw[:, None], traj.crop_grid_thw], axis=1)  # [B, 1 + K, 3]

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from deepeyes_jax.data import image_processing as ip
+from deepeyes_jax.flops import loop_trips
 from deepeyes_jax.models.qwen2_5_vl.rope import mrope_position_ids
 from deepeyes_jax.models.qwen2_5_vl.text import write_rows
 from deepeyes_jax.rollout import config as rc
@@ -35,7 +37,8 @@ class Trajectories(NamedTuple):
     position_ids: jax.Array  # int32[3, B, S]: M-RoPE positions (get_rope_index of the final sequence)
     prompt_pixel_values: jax.Array  # float32[B, Np, 1176]: image 0 of each row (the prompt image)
     prompt_grid_thw: jax.Array  # int32[B, 3]
-    crop_pixel_values: jax.Array  # float32[B, K, Pc, 1176]: the crops, in order (K = max_turns - 1)
+    crop_frames: jax.Array  # uint8[B, K, Pc, 588]: the crops' patch frames, in order (K = max_turns - 1);
+    # `zoom.pixel_values_from_frames` gives the float32 pixel values the model saw (8x the bytes)
     crop_grid_thw: jax.Array  # int32[B, K, 3]
     num_crops: jax.Array  # int32[B]
     turn_status: jax.Array  # int32[B, max_turns]: tools.STATUS_* of each turn
@@ -61,7 +64,7 @@ class _State(NamedTuple):
     active: jax.Array
     turn: jax.Array
     step: jax.Array
-    crop_pv: jax.Array
+    crop_frames: jax.Array
     crop_grid: jax.Array
     num_crops: jax.Array
     turn_status: jax.Array
@@ -113,6 +116,19 @@ def _encode_rows(model, pixel_values, grids):
     return jax.vmap(lambda pv, g: model.encode_images(pv, g[None]))(pixel_values, grids)
 
 
+def _along_rows(model, tree, axis_of=lambda name: 0):
+    """Constrain every array of a NamedTuple along its row axis (`activation_batch`): per-row state such as the
+    crop buffers must never be replicated on every device (0.46 GiB per row at DeepEyes' crop budget)."""
+    def shard(x, axis):
+        if x.ndim <= axis:  # scalars (turn, step counters)
+            return x
+        names = [None] * x.ndim
+        names[axis] = "activation_batch"
+        return model.shard(x, tuple(names))
+
+    return tree._replace(**{f: shard(getattr(tree, f), axis_of(f)) for f in tree._fields if f != "cache"})
+
+
 def _logits_at(model, hidden, index):
     """hidden float[B, T, D], index int32[B] -> float32[B, V]."""
     h = jnp.take_along_axis(hidden, index[:, None, None], axis=1)
@@ -121,7 +137,7 @@ def _logits_at(model, hidden, index):
 
 def rollout_program(graphdef, cfg: rc.RolloutConfig, tpl: rc.Templates, params, batch: RolloutBatch, rng, table):
     """The rollout as a traceable function (make_rollout jits it; the fused train step inlines it)."""
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(graphdef, params).for_decoding()
     b, p = batch.prompt_ids.shape
     s, tt = cfg.max_total_len, cfg.max_turn_tokens
     n_pre, n_suf = len(tpl.zoom_prefix), len(tpl.zoom_suffix)
@@ -147,13 +163,16 @@ def rollout_program(graphdef, cfg: rc.RolloutConfig, tpl: rc.Templates, params, 
         logprobs=jnp.zeros((b, s_alloc), jnp.float32), positions=pad(pos), cache=cache,
         last_logits=_logits_at(model, hidden, jnp.full(b, p - 1)), length=jnp.full(b, p, jnp.int32),
         next_pos=next_pos, active=jnp.ones(b, bool), turn=jnp.int32(0), step=jnp.int32(0),
-        crop_pv=jnp.zeros((b, n_obs, pc, batch.pixel_values.shape[-1]), jnp.float32),
+        crop_frames=jnp.zeros((b, n_obs, pc, ip.PATCH_VALUES), jnp.uint8),
         crop_grid=jnp.zeros((b, n_obs, 3), jnp.int32), num_crops=jnp.zeros(b, jnp.int32),
         turn_status=jnp.full((b, cfg.max_turns), tools.STATUS_NONE, jnp.int32),
         turn_error=jnp.zeros((b, cfg.max_turns), jnp.int32), turn_bbox=jnp.zeros((b, cfg.max_turns, 4)),
         num_turns=jnp.zeros(b, jnp.int32), num_zooms=jnp.zeros(b, jnp.int32),
         response_length=jnp.zeros(b, jnp.int32), end_reason=jnp.full(b, rc.END_MAX_TURNS, jnp.int32),
     )
+
+    positions_axis = lambda name: 1 if name in ("positions", "position_ids") else 0  # noqa: E731
+    state = _along_rows(model, state, positions_axis)
 
     # ------------------------------------------------------------------ one decoding step
     def decode_step(carry):
@@ -179,7 +198,9 @@ def rollout_program(graphdef, cfg: rc.RolloutConfig, tpl: rc.Templates, params, 
     # ------------------------------------------------------------------ one turn
     def turn(st: _State) -> _State:
         turned, start = st.active, st.length
-        st, _, _ = jax.lax.while_loop(lambda c: c[1].any(), decode_step, (st, turned, jnp.zeros(b, jnp.int32)))
+        # FLOP counting: the turns share the trajectory's slots (an upper bound on the decoded tokens).
+        with loop_trips(min(tt, max(1, (s - p) // cfg.max_turns))):
+            st, _, _ = jax.lax.while_loop(lambda c: c[1].any(), decode_step, (st, turned, jnp.zeros(b, jnp.int32)))
         n_tok = st.length - start
         turn_ids = jax.vmap(lambda t, i: jax.lax.dynamic_slice_in_dim(t, i, tt))(st.tokens, start)
         parse = jax.vmap(lambda ids, n, wh, sc: tools.recognize_turn(ids, n, table, wh, cfg.tool, sc))(
@@ -190,9 +211,9 @@ def rollout_program(graphdef, cfg: rc.RolloutConfig, tpl: rc.Templates, params, 
         wants_obs = turned & closed & (is_zoom | (parse.status == tools.STATUS_ERROR)) & ~last_turn
 
         # The observation: a crop encoded by the vision tower, or a fixed error message.
-        crop_pv, crop_grid = jax.vmap(lambda im, hw, box: zoom.crop_resize_patchify(im, hw, box, cfg.crop))(
+        frames, crop_grid = jax.vmap(lambda im, hw, box: zoom.crop_resize_frames(im, hw, box, cfg.crop))(
             batch.image, batch.image_hw, parse.bbox)
-        feats = _encode_rows(model, crop_pv, crop_grid)
+        feats = _encode_rows(model, zoom.pixel_values_from_frames(frames), crop_grid)
         n_img = crop_grid[:, 0] * crop_grid[:, 1] * crop_grid[:, 2] // model.config.vision.merge_unit
         errors = jnp.asarray([e + (0,) * (chunk - len(e)) for e in tpl.errors], jnp.int32)
         err_len = jnp.asarray([len(e) for e in tpl.errors], jnp.int32)
@@ -228,7 +249,8 @@ def rollout_program(graphdef, cfg: rc.RolloutConfig, tpl: rc.Templates, params, 
             length=st.length + jnp.where(append, obs_len, 0),
             next_pos=jnp.where(append, next_pos, st.next_pos),
             active=append, turn=st.turn + 1,
-            crop_pv=st.crop_pv.at[rows, k].set(jnp.where(zoomed[:, None, None], crop_pv, st.crop_pv[rows, k])),
+            crop_frames=st.crop_frames.at[rows, k].set(
+                jnp.where(zoomed[:, None, None], frames, st.crop_frames[rows, k])),
             crop_grid=st.crop_grid.at[rows, k].set(jnp.where(zoomed[:, None], crop_grid, st.crop_grid[rows, k])),
             num_crops=st.num_crops + zoomed, num_zooms=st.num_zooms + zoomed,
             turn_status=record(st.turn_status, parse.status), turn_error=record(st.turn_error, parse.error),
@@ -238,17 +260,19 @@ def rollout_program(graphdef, cfg: rc.RolloutConfig, tpl: rc.Templates, params, 
             end_reason=jnp.where(turned & ~append, reason, st.end_reason),
         )
 
-    st = jax.lax.while_loop(lambda st: (st.turn < cfg.max_turns) & st.active.any(), turn, state)
+    with loop_trips(cfg.max_turns):
+        st = jax.lax.while_loop(lambda st: (st.turn < cfg.max_turns) & st.active.any(),
+                                lambda st: _along_rows(model, turn(st), positions_axis), state)
     valid = st.valid[:, :s]
-    return Trajectories(
+    return _along_rows(model, Trajectories(
         tokens=jnp.where(valid, st.tokens[:, :s], 0), attention_mask=valid,
         loss_mask=st.loss_mask[:, :s] & valid, logprobs=jnp.where(valid, st.logprobs[:, :s], 0.0),
         position_ids=jnp.where(valid[None], st.positions[:, :, :s], 0),
         prompt_pixel_values=batch.pixel_values, prompt_grid_thw=batch.image_grid_thw,
-        crop_pixel_values=st.crop_pv, crop_grid_thw=st.crop_grid, num_crops=st.num_crops,
+        crop_frames=st.crop_frames, crop_grid_thw=st.crop_grid, num_crops=st.num_crops,
         turn_status=st.turn_status, turn_error=st.turn_error, turn_bbox=st.turn_bbox, num_turns=st.num_turns,
         num_zooms=st.num_zooms, response_length=st.response_length, end_reason=st.end_reason, length=st.length,
-    )
+    ), positions_axis)
 
 
 def make_rollout(model, config: rc.RolloutConfig, templates: rc.Templates, table: tools.TokenBytes):

@@ -9,7 +9,9 @@ shapes (no host callback), jittable and vmappable over rows:
 * `smart_resize` (from `smart_resize.py`): equal to the host `image_processing.smart_resize` for
   every input (the host's float64 steps are emulated exactly in integer arithmetic).
 * `CropSpec`: static buffer size and pixel budget, and the static sizes derived from them.
-* `crop_resize_patchify`: image buffer + box -> (pixel_values, grid_thw).
+* `crop_resize_frames`: image buffer + box -> (uint8 patch frames, grid_thw): what trajectories store
+  (8x smaller than the float pixel values); `pixel_values_from_frames` expands them exactly.
+* `crop_resize_patchify`: both, -> (pixel_values, grid_thw).
 
 Resize = PIL's separable two-pass fixed-point resampler: per output sample, bicubic (a = -0.5)
 taps at t = (x + 0.5 - center) / max(scale, 1) restricted to the crop and renormalised, rounded to
@@ -197,16 +199,33 @@ def _pass_cols(w, x):  # float32[o, i] x [m, i, 3] -> [m, o, 3]
     return _round_clip(jnp.einsum("oi,mic->moc", w, x, precision=jax.lax.Precision.HIGHEST))
 
 
+def pixel_values_from_frames(frames):
+    """uint8[..., 588] patch frames -> the processor's float32[..., 1176] (its normalisation, repeated along T)."""
+    values = frames.astype(jnp.int32).reshape(*frames.shape[:-1], 3, P * P)
+    channel = jnp.arange(3, dtype=jnp.int32).reshape((1,) * (values.ndim - 2) + (3, 1))
+    x = jnp.asarray(_LUT)[channel * 256 + values]
+    x = jnp.broadcast_to(x[..., None, :], (*frames.shape[:-1], 3, ip.TEMPORAL_PATCH_SIZE, P * P))
+    return x.reshape(*frames.shape[:-1], ip.PATCH_DIM)
+
+
 def crop_resize_patchify(image, image_hw, bbox, spec: CropSpec):
-    """The zoom observation of one row.
+    """`crop_resize_frames` expanded to pixel values: -> (float32[spec.max_patches, 1176], zero from
+    grid_h * grid_w on; grid_thw int32[3])."""
+    frames, grid = crop_resize_frames(image, image_hw, bbox, spec)
+    valid = jnp.arange(spec.max_patches) < grid[1] * grid[2]
+    return jnp.where(valid[:, None], pixel_values_from_frames(frames), 0.0), grid
+
+
+def crop_resize_frames(image, image_hw, bbox, spec: CropSpec):
+    """The zoom observation of one row, as uint8 patch frames.
 
     image: uint8[Hb, Wb, 3], (Hb, Wb) = (spec.image_height, spec.image_width), zero-padded.
     image_hw: int32[2], the true (h, w); pixels outside it read as 0 (PIL's crop fill).
     bbox: float32[4] [x1, y1, x2, y2] in original-image pixels, already clipped and validated by
       the caller (DeepEyes' rule); each coordinate is rounded half-to-even like PIL's crop.
-    Returns (pixel_values float32[spec.max_patches, 1176] in the processor's patch order, rows
-    from grid_h * grid_w on zero; grid_thw int32[3] = (1, h'/14, w'/14)). A box outside the
-    contract (e.g. empty) gives finite garbage with at most max_patches patches.
+    Returns (frames uint8[spec.max_patches, 588]: each patch's (C, 14, 14) resized pixels in the processor's
+    patch order, rows from grid_h * grid_w on zero; grid_thw int32[3] = (1, h'/14, w'/14)). A box outside the
+    contract (e.g. empty) gives garbage with at most max_patches patches.
 
     Cost: two dense matmul passes, Hb*Wb*Wc + Hc*Hb*Wc multiply-adds per channel (vertical first:
     Hc*Hb*Wb + Hc*Wb*Wc); memory ~ (Hc*Hb + Wc*Wb) weights + Hb*Wc*3 + Hc*Wc*3 floats + the output.
@@ -242,8 +261,6 @@ def crop_resize_patchify(image, image_hw, bbox, spec: CropSpec):
     row = jnp.where(valid, (win // (gw // 2)) * 2 + sub // 2, 0)
     col = jnp.where(valid, (win % (gw // 2)) * 2 + sub % 2, 0)
     blocks = canvas.reshape(hc // P, P, wc // P, P, 3).transpose(0, 2, 4, 1, 3)  # [Hc/14, Wc/14, 3, 14, 14]
-    vals = blocks[row, col].astype(jnp.int32)  # [max_patches, 3, 14, 14]
-    x = jnp.asarray(_LUT)[jnp.arange(3, dtype=jnp.int32).reshape(1, 3, 1, 1) * 256 + vals]
-    x = jnp.broadcast_to(x[:, :, None], (spec.max_patches, 3, ip.TEMPORAL_PATCH_SIZE, P, P))
-    pixel_values = jnp.where(valid[:, None], x.reshape(spec.max_patches, ip.PATCH_DIM), 0.0)
-    return pixel_values, jnp.stack([jnp.int32(1), gh, gw])
+    frames = blocks[row, col].reshape(spec.max_patches, ip.PATCH_VALUES)  # [max_patches, 3 * 14 * 14]
+    frames = jnp.where(valid[:, None], frames, 0.0).astype(jnp.uint8)  # canvas values are integers 0..255
+    return frames, jnp.stack([jnp.int32(1), gh, gw])

@@ -64,7 +64,7 @@ def pack(tokenizer, conversations, shapes: Shapes) -> Trajectories:
     trained = np.zeros((b, s), bool)
     prompt_pv = np.zeros((b, np_, ip.PATCH_DIM), np.float32)
     prompt_grid = np.zeros((b, 3), np.int32)
-    crop_pv = np.zeros((b, k, nc, ip.PATCH_DIM), np.float32)
+    crop_frames = np.zeros((b, k, nc, ip.PATCH_VALUES), np.uint8)
     crop_grid = np.zeros((b, k, 3), np.int32)
     num_crops = np.zeros((b,), np.int32)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -79,16 +79,16 @@ def pack(tokenizer, conversations, shapes: Shapes) -> Trajectories:
             elif isinstance(seg, Reply):
                 piece, learn = encode(seg.text) + [im_end], True
             elif isinstance(seg, Image):
-                pv, grid = ip.preprocess_image(seg.image, min_pixels=seg.min_pixels, max_pixels=seg.max_pixels)
+                frames, grid = ip.preprocess_frames(seg.image, min_pixels=seg.min_pixels, max_pixels=seg.max_pixels)
                 limit = np_ if images == 0 else nc
                 if images > k:
                     raise ValueError(f"row {i}: more than {k + 1} images")
-                if len(pv) > limit:
-                    raise ValueError(f"row {i}: image {images} needs {len(pv)} patches, the slot holds {limit}")
+                if len(frames) > limit:
+                    raise ValueError(f"row {i}: image {images} needs {len(frames)} patches, the slot holds {limit}")
                 if images == 0:
-                    prompt_pv[i, :len(pv)], prompt_grid[i] = pv, grid
+                    prompt_pv[i, :len(frames)], prompt_grid[i] = ip.pixel_values_from_frames(frames), grid
                 else:
-                    crop_pv[i, images - 1, :len(pv)], crop_grid[i, images - 1] = pv, grid
+                    crop_frames[i, images - 1, :len(frames)], crop_grid[i, images - 1] = frames, grid
                 images += 1
                 piece = (encode("<|vision_start|>") + encode("<|image_pad|>") * ip.num_image_tokens(grid)
                          + encode("<|vision_end|>"))
@@ -107,7 +107,7 @@ def pack(tokenizer, conversations, shapes: Shapes) -> Trajectories:
     return Trajectories(
         tokens=tokens, attention_mask=valid, loss_mask=trained, logprobs=np.zeros((b, s), np.float32),
         position_ids=zeros(3, b, s), prompt_pixel_values=prompt_pv, prompt_grid_thw=prompt_grid,
-        crop_pixel_values=crop_pv, crop_grid_thw=crop_grid, num_crops=num_crops,
+        crop_frames=crop_frames, crop_grid_thw=crop_grid, num_crops=num_crops,
         turn_status=zeros(b, 1), turn_error=zeros(b, 1), turn_bbox=np.zeros((b, 1, 4), np.float32),
         num_turns=zeros(b), num_zooms=num_crops.copy(), response_length=trained.sum(1).astype(np.int32),
         end_reason=zeros(b), length=valid.sum(1).astype(np.int32))

@@ -31,7 +31,8 @@ class ModelSpec:
     preset: with no checkpoint, random weights of this `models.qwen2_5_vl.PRESETS` size.
     tokenizer: a tokenizer directory (default: the checkpoint's).
     param_dtype: master weights (fp32 for training); compute_dtype: matmul dtype (bf16 on TPU).
-    remat: recompute decoder layers in the backward pass. attention_chunk: query block of text attention.
+    remat: recompute decoder layers and vision blocks in the backward pass. attention_chunk: block of text attention.
+    kv_cache_dtype: the rollout's KV cache ("": the compute dtype).
     axis_rules: logical axis -> mesh axes (`sharding.DEFAULT_AXIS_RULES`)."""
 
     checkpoint: str = ""
@@ -41,11 +42,13 @@ class ModelSpec:
     compute_dtype: str = "float32"
     remat: bool = False
     attention_chunk: int = 512
+    kv_cache_dtype: str = ""
     axis_rules: AxisRules = DEFAULT_AXIS_RULES
 
     def runtime(self) -> dict:
         return dict(param_dtype=jnp.dtype(self.param_dtype), dtype=jnp.dtype(self.compute_dtype), remat=self.remat,
-                    attention_chunk=self.attention_chunk, axis_rules=tuple(map(tuple, self.axis_rules)))
+                    attention_chunk=self.attention_chunk,
+                    kv_cache_dtype=jnp.dtype(self.kv_cache_dtype) if self.kv_cache_dtype else None, axis_rules=tuple(map(tuple, self.axis_rules)))
 
 
 def load_tokenizer(spec: ModelSpec):

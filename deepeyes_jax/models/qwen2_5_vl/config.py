@@ -81,8 +81,9 @@ class ModelConfig:
     param_dtype: Any = jnp.float32
     dtype: Any = jnp.float32  # compute dtype
     axis_rules: AxisRules = DEFAULT_AXIS_RULES
-    remat: bool = False  # recompute decoder layers in the backward pass instead of storing activations
-    attention_chunk: int = 512  # text attention runs in query blocks of this many rows (memory ~ chunk * T)
+    remat: bool = False  # recompute decoder layers and vision blocks in the backward pass, not store activations
+    attention_chunk: int = 512  # text attention runs in query / key blocks of this many rows (memory ~ chunk * T)
+    kv_cache_dtype: Any = None  # the rollout's KV cache (None: the compute dtype); bf16 halves it under fp32
 
     def __post_init__(self):
         t, v = self.text, self.vision

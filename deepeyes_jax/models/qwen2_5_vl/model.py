@@ -12,9 +12,9 @@ from flax import nnx
 from deepeyes_jax.models.layers import Dense
 from deepeyes_jax.models.qwen2_5_vl.config import ModelConfig
 from deepeyes_jax.models.qwen2_5_vl.rope import mrope_cos_sin, mrope_position_ids
-from deepeyes_jax.models.qwen2_5_vl.text import TextModel, causal_padding_mask, write_rows
+from deepeyes_jax.models.qwen2_5_vl.text import TextModel, write_rows
 from deepeyes_jax.models.qwen2_5_vl.vision import VisionTower
-from deepeyes_jax.sharding import Sharder
+from deepeyes_jax.sharding import Sharder, without_fsdp_on_parameters
 
 
 def merge_image_features(embeds: jax.Array, input_ids: jax.Array, features: jax.Array, image_token_id: int):
@@ -36,7 +36,7 @@ class Qwen2_5_VL(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, mesh: jax.sharding.Mesh | None = None):
         kw = dict(rngs=rngs, param_dtype=config.param_dtype, dtype=config.dtype)
         self.shard = Sharder(mesh, config.axis_rules)
-        self.visual = VisionTower(config.vision, shard=self.shard, **kw)
+        self.visual = VisionTower(config.vision, shard=self.shard, remat=config.remat, **kw)
         self.model = TextModel(config.text, shard=self.shard, remat=config.remat,
                                attention_chunk=config.attention_chunk, **kw)
         self.lm_head = (None if config.tie_word_embeddings else
@@ -57,6 +57,24 @@ class Qwen2_5_VL(nnx.Module):
             with jax.transfer_guard("allow"):
                 var.set_value(jax.device_put(np.asarray(value),
                                              self.shard.sharding(var.get_metadata()["logical_axes"], value.shape)))
+
+    def for_decoding(self) -> Qwen2_5_VL:
+        """This model with its weights cast to the compute dtype and, on a mesh, gathered over `fsdp` (still split
+        over `tensor`), inside the traced program: the rollout pays one all-gather per weight instead of one per
+        weight per decoded token (FSDP's per-layer gather inside the decode loop)."""
+        graphdef, state = nnx.split(self)
+        dtype = jnp.dtype(self.config.dtype)
+        gathered = Sharder(self.shard.mesh, without_fsdp_on_parameters(self.config.axis_rules))
+
+        def lay(var):
+            value = var.get_value()
+            if jnp.issubdtype(value.dtype, jnp.floating):
+                value = value.astype(dtype)
+            if self.shard.mesh is not None and "logical_axes" in var.get_metadata():
+                value = gathered(value, var.get_metadata()["logical_axes"])
+            return var.replace(value)
+
+        return nnx.merge(graphdef, jax.tree.map(lay, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
     # ---------------------------------------------------------------- pieces
 
@@ -79,14 +97,15 @@ class Qwen2_5_VL(nnx.Module):
     # ---------------------------------------------------------------- decoding with a KV cache
 
     def init_cache(self, batch: int, length: int):
-        """Empty KV cache: per layer (k, v) float[B, S, KV, hd] in the compute dtype.
+        """Empty KV cache: per layer (k, v) float[B, S, KV, hd] in `kv_cache_dtype` (default: the compute dtype).
 
         Separate arrays per layer (not one stacked array) so each step updates them in place.
         """
         t = self.config.text
         shape = (batch, length, t.num_key_value_heads, t.head_dim)
         axes = ("activation_batch", "activation_length", "activation_kv_heads", None)
-        zeros = lambda: self.shard(jnp.zeros(shape, self.config.dtype), axes)  # noqa: E731
+        dtype = self.config.kv_cache_dtype or self.config.dtype
+        zeros = lambda: self.shard(jnp.zeros(shape, dtype), axes)  # noqa: E731
         return tuple((zeros(), zeros()) for _ in range(t.num_hidden_layers))
 
     def decode_chunk(self, input_ids, chunk_valid, position_ids, cache, kv_valid, start, image_features=None):
@@ -140,7 +159,7 @@ class Qwen2_5_VL(nnx.Module):
         cfg = self.config
         cos, sin = mrope_cos_sin(position_ids, head_dim=cfg.text.head_dim, theta=cfg.text.rope_theta,
                                  mrope_section=cfg.text.mrope_section, dtype=cfg.dtype)
-        hidden, _ = self.model(embeds, cos, sin, causal_padding_mask(attention_mask))
+        hidden, _ = self.model(embeds, cos, sin, attention_mask.astype(bool))
         return hidden
 
     def _check_inputs(self, input_ids, attention_mask, pixel_values, image_grid_thw):

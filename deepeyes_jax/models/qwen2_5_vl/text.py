@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from deepeyes_jax.models.layers import Dense, Embed, GatedMLP, RMSNorm, apply_rope, chunked_attention
+from deepeyes_jax.models.flash_attention import causal_attention
+from deepeyes_jax.models.layers import Dense, Embed, GatedMLP, RMSNorm, apply_rope, chunked_attention, remat_call
 from deepeyes_jax.models.qwen2_5_vl.config import TextConfig
 from deepeyes_jax.sharding import Sharder
 
@@ -28,8 +29,9 @@ class Attention(nnx.Module):
     def __call__(self, x, cos, sin, mask, cache=None, start=None):
         """x float[B, T, D], cos/sin float[B, T, hd] -> (float[B, T, D], cache).
 
-        Without a cache, mask is bool[B, T, T] over x itself. With cache = (k, v) float[B, S, KV, hd],
-        the new keys/values are written at slots start int32[B] + [0, T) and mask is bool[B, T, S].
+        Without a cache (training, teacher forcing), mask is valid bool[B, T]: slot i sees valid slots j <= i,
+        through the O(T)-memory causal flash attention. With cache = (k, v) float[B, S, KV, hd], the new
+        keys/values are written at slots start int32[B] + [0, T) and mask is bool[B, T, S].
         """
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, -1, self.head_dim)
@@ -37,10 +39,12 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(b, t, -1, self.head_dim)
         q = self.shard(apply_rope(q, cos, sin), ("activation_batch", "activation_length", "activation_heads", None))
         k = self.shard(apply_rope(k, cos, sin), ("activation_batch", "activation_length", "activation_kv_heads", None))
-        if cache is not None:
+        if cache is None:
+            out = causal_attention(q, k, v, mask, block=self.chunk)
+        else:
             k, v = write_rows(cache[0], k, start), write_rows(cache[1], v, start)
             cache = (k, v)
-        out = chunked_attention(q, k, v, mask, self.chunk)
+            out = chunked_attention(q, k, v, mask, self.chunk)
         return self.o_proj(out.reshape(b, t, -1)), cache
 
 
@@ -77,21 +81,16 @@ class TextModel(nnx.Module):
     def __call__(self, x, cos, sin, mask, cache=None, start=None):
         """x float[B, T, D] input embeddings -> (final hidden states float[B, T, D], cache).
 
+        mask: valid bool[B, T] without a cache, bool[B, T, S] with one (see `Attention`).
         cache: None, or one (k, v) float[B, S, KV, hd] per layer, written at slots start int32[B] + [0, T).
         """
         x = self.shard(x, _HIDDEN)
         new_cache = []
-        # Remat only where there is a backward pass: decoding with a cache is never differentiated (and
-        # nnx.remat cannot run inside the rollout's while_loop).
-        run = nnx.remat(_run_layer) if self.remat and cache is None else _run_layer
         for i, layer in enumerate(self.layers):
-            x, layer_cache = run(layer, x, cos, sin, mask, None if cache is None else cache[i], start)
+            args = (x, cos, sin, mask, None if cache is None else cache[i], start)
+            x, layer_cache = remat_call(layer, *args) if self.remat else layer(*args)
             new_cache.append(layer_cache)
         return self.norm(x), None if cache is None else tuple(new_cache)
-
-
-def _run_layer(layer, *args):
-    return layer(*args)
 
 
 def write_rows(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
@@ -101,10 +100,3 @@ def write_rows(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array
     """
     return jax.vmap(lambda b, n, s: jax.lax.dynamic_update_slice_in_dim(b, n.astype(b.dtype), s, axis=0))(
         buffer, new, start)
-
-
-def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:
-    """int/bool[B, T] -> bool[B, T, T]: query i sees valid keys j <= i."""
-    t = attention_mask.shape[1]
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    return causal[None] & attention_mask.astype(bool)[:, None, :]

@@ -7,7 +7,8 @@ layout (which window each patch belongs to, its row/col) is computed on device f
 grids. Patches are reordered window-major as in transformers, which makes every window a
 contiguous run of at most `block = (window_size / patch_size)^2` patches; window
 attention is then exact and O(N * 3 * block) with a three-block local band, and windows
-that the image edge cuts short simply have fewer members.
+that the image edge cuts short simply have fewer members. Full attention is the flash
+segment attention (per image, O(N) memory in both passes).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from deepeyes_jax.models.layers import Dense, GatedMLP, RMSNorm, activation, apply_rope, masked_attention
+from deepeyes_jax.models.flash_attention import segment_attention
+from deepeyes_jax.models.layers import Dense, GatedMLP, RMSNorm, activation, apply_rope, masked_attention, remat_call
 from deepeyes_jax.models.qwen2_5_vl.config import VisionConfig
 from deepeyes_jax.models.qwen2_5_vl.rope import vision_cos_sin
 from deepeyes_jax.sharding import Sharder
@@ -99,46 +101,6 @@ def band_attention(q, k, v, seg, block: int):
     return out.reshape(-1, h, d)[:n]
 
 
-def segment_attention(q, k, v, seg, block: int = 256):
-    """Attention within equal-`seg` runs of any length; `seg` int32[N] must be non-decreasing.
-
-    Flash-style: each query block visits only the key blocks its segments span, with an
-    online softmax, so the cost is about sum(len^2) over segments, not N^2 (a batch of
-    images is many short segments).
-    """
-    n, h, d = q.shape
-    qb, kb, vb, sb = (_blocks(x, block, fill) for x, fill in ((q, 0), (k, 0), (v, 0), (seg, _PAD_KEY)))
-    nb = qb.shape[0]
-    lo = jnp.searchsorted(sb[:, -1], sb[:, 0], side="left")
-    hi = jnp.searchsorted(sb[:, 0], sb[:, -1], side="right")
-    scale = d**-0.5
-
-    def query_block(i):
-        qi, si = qb[i].astype(jnp.float32), sb[i]
-
-        def update(j, carry):
-            m, l, acc = carry
-            scores = jnp.einsum("qhd,khd->hqk", qi, kb[j].astype(jnp.float32)) * scale
-            mask = (si[:, None] == sb[j][None, :])[None]
-            m_new = jnp.maximum(m, jnp.max(jnp.where(mask, scores, -jnp.inf), axis=-1))
-            # Mask inside the exp: a where around it would send inf * 0 = NaN into the gradient.
-            p = jnp.exp(jnp.where(mask, scores - m_new[..., None], -jnp.inf))
-            corr = jnp.exp(m - m_new)
-            acc = acc * corr[..., None] + jnp.einsum("hqk,khd->hqd", p, vb[j].astype(jnp.float32))
-            return m_new, l * corr + jnp.sum(p, axis=-1), acc
-
-        def visit(carry, j):
-            # A static-length scan with a skip (not a dynamic-bound loop) keeps it differentiable.
-            return jax.lax.cond((j >= lo[i]) & (j < hi[i]), update, lambda _, c: c, j, carry), None
-
-        # A finite floor keeps rows with no key in an early block free of inf - inf.
-        init = (jnp.full((h, block), jnp.finfo(jnp.float32).min), jnp.zeros((h, block)), jnp.zeros((h, block, d)))
-        (_, l, acc), _ = jax.lax.scan(visit, init, jnp.arange(nb))
-        return jnp.transpose(acc / l[..., None], (1, 0, 2)).astype(q.dtype)
-
-    return jax.lax.map(query_block, jnp.arange(nb)).reshape(nb * block, h, d)[:n]
-
-
 class VisionAttention(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, rngs, param_dtype, dtype, shard: Sharder):
         d = cfg.hidden_size
@@ -192,7 +154,10 @@ class PatchMerger(nnx.Module):
 
 
 class VisionTower(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, rngs, param_dtype, dtype, shard: Sharder):
+    FULL_ATTENTION_BLOCK = 256  # patches per query / key block of the full-attention layers
+
+    def __init__(self, cfg: VisionConfig, *, rngs, param_dtype, dtype, shard: Sharder, remat: bool = False):
+        self.remat = remat
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         self.patch_embed = Dense(cfg.patch_dim, cfg.hidden_size, logical_axes=("patch", "embed"), use_bias=False,
                                  **kw)
@@ -219,9 +184,10 @@ class VisionTower(nnx.Module):
             return band_attention(q, k, v, lay.window_seg, block)
 
         def full_attend(q, k, v):
-            return segment_attention(q, k, v, lay.frame_seg)
+            return segment_attention(q, k, v, lay.frame_seg, block=self.FULL_ATTENTION_BLOCK)
 
         for i, blk in enumerate(self.blocks):
-            x = blk(x, cos, sin, full_attend if i in cfg.fullatt_block_indexes else window_attend)
+            attend = full_attend if i in cfg.fullatt_block_indexes else window_attend
+            x = remat_call(blk, x, cos, sin, attend=attend) if self.remat else blk(x, cos, sin, attend)
         merged = self.merger(x)
         return jnp.zeros_like(merged).at[lay.order].set(merged)
