@@ -12,7 +12,6 @@ The count is logical (global): divide by the devices for a per-chip figure under
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 

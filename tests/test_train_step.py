@@ -21,7 +21,9 @@ GROUP = 8
 @pytest.fixture(scope="module")
 def bandit():
     setup = scripted.Setup(BANDIT)
-    return setup, scripted.fit(setup, steps=60, until_exact=False)
+    # 90 steps: adam at the fit's learning rate has a loss spike around step 50 that float rounding moves
+    # about; by 90 it is over (loss ~0.11-0.15 on both attention paths, measured).
+    return setup, scripted.fit(setup, steps=90, until_exact=False)
 
 
 def _batch(setup, answer=b"A"):
@@ -105,42 +107,28 @@ def test_loss_equals_numpy_recomputation_and_compiles_once(bandit):
     assert step.jitted._cache_size() == 1
 
 
-def test_micro_batching_is_exact_gradient_accumulation(bandit):
-    """4 micro-batches of 4 rows give the full-batch update (plain SGD shows the gradient itself)."""
-    import optax
-    setup, model = bandit
-    batch = _batch(setup)
-    out = {}
-    for micro in (1, 4):
-        step, params, opt_state = _train_step(setup, model, tx=optax.sgd(1.0), micro_batches=micro,
-                                              logprob_chunk=64)
-        params, _, metrics, _, _ = step(params, opt_state, batch, jax.random.key(7))
-        out[micro] = (jax.tree.map(np.asarray, params), float(metrics["loss"]), float(metrics["grad_norm"]))
-    (p1, l1, g1), (p4, l4, g4) = out[1], out[4]
-    assert g1 > 0 and abs(g1 - g4) < 1e-5 * g1 and abs(l1 - l4) < 1e-6
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), p1, p4)
-
-
-def test_remat_inside_the_fused_step_gives_the_same_update(bandit):
-    """ModelConfig.remat=True (decoder layers and vision blocks recomputed in the backward pass) runs inside the
-    one-program step, rollout loops included, and gives the same update as without (fp32, atol 1e-6)."""
+def test_micro_batching_and_remat_give_the_exact_update(bandit):
+    """4 micro-batches of 4 rows give the full-batch update (plain SGD shows the gradient itself), also with
+    ModelConfig.remat=True (decoder layers and vision blocks recomputed in the backward pass) inside the
+    one-program step, rollout loops included."""
     import optax
 
     from deepeyes_jax.models.qwen2_5_vl import Qwen2_5_VL
     setup, model = bandit
     rematted = Qwen2_5_VL(model.config.replace(remat=True), rngs=nnx.Rngs(0))
     nnx.update(rematted, nnx.state(model))
+    batch = _batch(setup)
     out = {}
-    for name, m in (("plain", model), ("remat", rematted)):
-        step, params, opt_state = _train_step(setup, m, tx=optax.sgd(1.0))
-        params, _, metrics, _, _ = step(params, opt_state, _batch(setup), jax.random.key(3))
-        out[name] = (jax.tree.map(np.asarray, params), float(metrics["loss"]), float(metrics["grad_norm"]))
-        if name == "remat":
-            assert "remat" in str(jax.make_jaxpr(step.jitted)(params, opt_state, _batch(setup), jax.random.key(3),
-                                                              setup.table, None))
-    (p0, l0, g0), (p1, l1, g1) = out["plain"], out["remat"]
-    assert g0 > 0 and abs(g0 - g1) < 1e-5 * g0 and abs(l0 - l1) < 1e-6
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), p0, p1)
+    for micro, m in ((1, model), (4, rematted)):
+        step, params, opt_state = _train_step(setup, m, tx=optax.sgd(1.0), micro_batches=micro, logprob_chunk=64)
+        if m is rematted:
+            jaxpr = str(jax.make_jaxpr(step.jitted)(params, opt_state, batch, jax.random.key(7), setup.table, None))
+            assert "remat" in jaxpr
+        params, _, metrics, _, _ = step(params, opt_state, batch, jax.random.key(7))
+        out[micro] = (jax.tree.map(np.asarray, params), float(metrics["loss"]), float(metrics["grad_norm"]))
+    (p1, l1, g1), (p4, l4, g4) = out[1], out[4]
+    assert g1 > 0 and abs(g1 - g4) < 1e-5 * g1 and abs(l1 - l4) < 1e-6
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), p1, p4)
 
 
 def test_several_updates_per_rollout_batch(bandit):

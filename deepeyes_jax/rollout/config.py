@@ -22,6 +22,9 @@ class RolloutConfig:
     bbox_frame: "original" (DeepEyes: the box is applied unchanged to the original image) or
       "resized" (the box is read in the model's resized input frame and mapped back, spec issue #141).
     temperature 0 means greedy; top_k <= 0 and top_p >= 1 disable those filters.
+    row_chunks: the batch is rolled out in this many chunks of rows, one after the other inside the program
+      (each chunk spread over every device): the KV cache and the per-turn crop work are those of one chunk.
+      Chunk c samples with its own key (rng folded with c); 1 rolls every row out at once.
     """
 
     max_total_len: int
@@ -33,8 +36,11 @@ class RolloutConfig:
     top_k: int = -1
     bbox_frame: str = "original"
     tool: ToolConfig = ToolConfig()
+    row_chunks: int = 1
 
     def __post_init__(self):
+        if self.row_chunks < 1:
+            raise ValueError(f"row_chunks must be >= 1, got {self.row_chunks}")
         if self.bbox_frame not in ("original", "resized"):
             raise ValueError(f"bbox_frame must be 'original' or 'resized', got {self.bbox_frame!r}")
         if self.max_turns < 1 or self.max_turn_tokens < 1:

@@ -111,12 +111,11 @@ def _put(buf, slot, value, where):
     return buf.at[rows, slot].set(jnp.where(where, value, buf[rows, slot]))
 
 
-def _encode_rows(model, pixel_values, grids):
-    """Each row's single image: float[B, N, 1176], int[B, 3] -> float[B, N/4, D]."""
-    return jax.vmap(lambda pv, g: model.encode_images(pv, g[None]))(pixel_values, grids)
+def _row_axis(name: str) -> int:
+    return 1 if name in ("positions", "position_ids") else 0  # [3, B, S]
 
 
-def _along_rows(model, tree, axis_of=lambda name: 0):
+def _along_rows(model, tree):
     """Constrain every array of a NamedTuple along its row axis (`activation_batch`): per-row state such as the
     crop buffers must never be replicated on every device (0.46 GiB per row at DeepEyes' crop budget)."""
     def shard(x, axis):
@@ -126,7 +125,12 @@ def _along_rows(model, tree, axis_of=lambda name: 0):
         names[axis] = "activation_batch"
         return model.shard(x, tuple(names))
 
-    return tree._replace(**{f: shard(getattr(tree, f), axis_of(f)) for f in tree._fields if f != "cache"})
+    return tree._replace(**{f: shard(getattr(tree, f), _row_axis(f)) for f in tree._fields if f != "cache"})
+
+
+def _encode_rows(model, pixel_values, grids):
+    """Each row's single image: float[B, N, 1176], int[B, 3] -> float[B, N/4, D]."""
+    return jax.vmap(lambda pv, g: model.encode_images(pv, g[None]))(pixel_values, grids)
 
 
 def _logits_at(model, hidden, index):
@@ -136,8 +140,35 @@ def _logits_at(model, hidden, index):
 
 
 def rollout_program(graphdef, cfg: rc.RolloutConfig, tpl: rc.Templates, params, batch: RolloutBatch, rng, table):
-    """The rollout as a traceable function (make_rollout jits it; the fused train step inlines it)."""
+    """The rollout as a traceable function (make_rollout jits it; the fused train step inlines it).
+
+    With cfg.row_chunks = n > 1, row r belongs to chunk r % n (so that every chunk has the same rows on every
+    device under row sharding); the chunks run one after the other and their trajectories are put back in
+    row order."""
     model = nnx.merge(graphdef, params).for_decoding()
+    n, b = cfg.row_chunks, batch.prompt_ids.shape[0]
+    if n == 1:
+        return _rollout_rows(model, cfg, tpl, batch, rng, table)
+    if b % n:
+        raise ValueError(f"batch of {b} rows does not split into rollout.row_chunks={n} chunks")
+    def split(x, axis=0):  # [.., B, ..] -> [n, .., B / n, ..], chunk c = rows c, c + n, ...
+        x = jnp.moveaxis(x, axis, 0)
+        x = jnp.moveaxis(x.reshape(b // n, n, *x.shape[1:]), 1, 0)
+        return jnp.moveaxis(x, 1, axis + 1)
+
+    def merge(x, axis=0):  # inverse of split
+        x = jnp.moveaxis(jnp.moveaxis(x, axis + 1, 1), 0, 1)
+        return jnp.moveaxis(x.reshape(b, *x.shape[2:]), 0, axis)
+
+    def one(args):
+        rows, c = args
+        return _rollout_rows(model, cfg, tpl, rows, jax.random.fold_in(rng, c), table)
+
+    traj = jax.lax.map(one, (jax.tree.map(split, batch), jnp.arange(n)))
+    return _along_rows(model, traj._replace(**{f: merge(getattr(traj, f), _row_axis(f)) for f in traj._fields}))
+
+
+def _rollout_rows(model, cfg: rc.RolloutConfig, tpl: rc.Templates, batch: RolloutBatch, rng, table):
     b, p = batch.prompt_ids.shape
     s, tt = cfg.max_total_len, cfg.max_turn_tokens
     n_pre, n_suf = len(tpl.zoom_prefix), len(tpl.zoom_suffix)
@@ -171,8 +202,7 @@ def rollout_program(graphdef, cfg: rc.RolloutConfig, tpl: rc.Templates, params, 
         response_length=jnp.zeros(b, jnp.int32), end_reason=jnp.full(b, rc.END_MAX_TURNS, jnp.int32),
     )
 
-    positions_axis = lambda name: 1 if name in ("positions", "position_ids") else 0  # noqa: E731
-    state = _along_rows(model, state, positions_axis)
+    state = _along_rows(model, state)
 
     # ------------------------------------------------------------------ one decoding step
     def decode_step(carry):
@@ -262,7 +292,7 @@ def rollout_program(graphdef, cfg: rc.RolloutConfig, tpl: rc.Templates, params, 
 
     with loop_trips(cfg.max_turns):
         st = jax.lax.while_loop(lambda st: (st.turn < cfg.max_turns) & st.active.any(),
-                                lambda st: _along_rows(model, turn(st), positions_axis), state)
+                                lambda st: _along_rows(model, turn(st)), state)
     valid = st.valid[:, :s]
     return _along_rows(model, Trajectories(
         tokens=jnp.where(valid, st.tokens[:, :s], 0), attention_mask=valid,
@@ -272,7 +302,7 @@ def rollout_program(graphdef, cfg: rc.RolloutConfig, tpl: rc.Templates, params, 
         crop_frames=st.crop_frames, crop_grid_thw=st.crop_grid, num_crops=st.num_crops,
         turn_status=st.turn_status, turn_error=st.turn_error, turn_bbox=st.turn_bbox, num_turns=st.num_turns,
         num_zooms=st.num_zooms, response_length=st.response_length, end_reason=st.end_reason, length=st.length,
-    ), positions_axis)
+    ))
 
 
 def make_rollout(model, config: rc.RolloutConfig, templates: rc.Templates, table: tools.TokenBytes):
