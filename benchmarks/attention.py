@@ -5,8 +5,11 @@
 Vision full attention: `flash_attention.segment_attention` vs the previous scan-based flash forward whose
 backward keeps every visited block's carry. Text training attention: `flash_attention.causal_attention` vs the
 previous query-blocked attention over a materialised bool[B, T, T] mask (each query block rematerialised).
-Memory is the compiled gradient program's temporaries (`memory_analysis`), time the median wall time of the
-jitted gradient on this CPU; ratios are previous / new (> 1: the new path is better).
+Both: memory is the compiled gradient program's temporaries (`memory_analysis`), time the median wall time of
+the jitted gradient on this CPU. Rollout prefill over a KV cache (forward only, as the rollout runs it): a chunk
+of n tokens written after n / 2 filled slots of a 2n-slot cache, `flash_attention.cache_attention` vs the
+previous query-blocked attention over a bool[B, T, S] mask. Ratios are previous / new (> 1: the new path is
+better).
 """
 
 import jax
@@ -15,8 +18,8 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks.timing import median_seconds
-from deepeyes_jax.models.flash_attention import causal_attention, segment_attention
-from deepeyes_jax.models.layers import chunked_attention
+from deepeyes_jax.models.flash_attention import cache_attention, causal_attention, segment_attention
+from deepeyes_jax.models.layers import masked_attention
 
 flags.DEFINE_list("lengths", ["2048", "4096", "8192"], "Sequence lengths (patches / tokens).")
 flags.DEFINE_integer("repeats", 3, "Timed runs per side (median reported).")
@@ -61,16 +64,40 @@ def previous_segment_attention(q, k, v, seg, block=256):
     return jax.lax.map(query_block, jnp.arange(nb)).reshape(nb * block, h, d)[:n]
 
 
+def previous_chunked_attention(q, k, v, mask, chunk):
+    """The previous text attention: `masked_attention` over query blocks of a bool[B, Lq, Lk] mask, each
+    block rematerialised in the backward pass."""
+    b, lq = q.shape[:2]
+    if lq <= chunk:
+        return masked_attention(q, k, v, mask)
+    n = -(-lq // chunk)
+    pad = n * chunk - lq
+    qb = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, chunk, *q.shape[2:])
+    mb = jnp.pad(mask, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, mask.shape[-1])
+    block = jax.checkpoint(lambda qc, mc: masked_attention(qc, k, v, mc))
+    out = jax.lax.map(lambda xs: block(*xs), (jnp.moveaxis(qb, 1, 0), jnp.moveaxis(mb, 1, 0)))
+    return jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, *q.shape[2:])[:, :lq]
+
+
+def previous_cache_attention(q, k, v, kv_valid, start, block=256):
+    """The rollout's prefill attention before: the same query blocks over a bool[B, T, S] mask."""
+    t, s = q.shape[1], k.shape[1]
+    slots = start[:, None] + jnp.arange(t)[None]
+    mask = kv_valid[:, None, :] & (jnp.arange(s)[None, None, :] <= slots[:, :, None])
+    return previous_chunked_attention(q, k, v, mask, block)
+
+
 def previous_causal_attention(q, k, v, valid, block=256):
     """The decoder's training attention before: query blocks over a bool[B, T, T] mask."""
     t = valid.shape[1]
     mask = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]
-    return chunked_attention(q, k, v, mask, block)
+    return previous_chunked_attention(q, k, v, mask, block)
 
 
-def measure(attend, shapes, repeats):
-    """-> (median seconds, compiled temp bytes) of the gradient of sum(attend(q, k, v)) w.r.t. q, k, v."""
-    grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v)), argnums=(0, 1, 2)))
+def measure(attend, shapes, repeats, backward=True):
+    """-> (median seconds, compiled temp bytes) of the gradient of sum(attend(q, k, v)) w.r.t. q, k, v (or of
+    attend itself)."""
+    grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v)), argnums=(0, 1, 2)) if backward else attend)
     temp = grad.lower(*shapes).compile().memory_analysis().temp_size_in_bytes
     rng = np.random.default_rng(0)
     args = [jnp.asarray(rng.normal(size=s.shape).astype(np.float32)) for s in shapes]
@@ -96,9 +123,16 @@ def main(argv):
         cases.append((f"text causal, {n} tokens", (qs, ks, ks),
                       lambda q, k, v: previous_causal_attention(q, k, v, valid, BLOCK),
                       lambda q, k, v: causal_attention(q, k, v, valid, block=BLOCK)))
+        # Rollout prefill: n new tokens at slots [n / 2, 3n / 2) of a 2n-slot cache (forward only).
+        start, kv_valid = jnp.full((1,), n // 2), jnp.arange(2 * n)[None] < 3 * n // 2
+        cs = jax.ShapeDtypeStruct((1, 2 * n, KV_HEADS, HEAD_DIM), jnp.float32)
+        cases.append((f"cache prefill, {n} tokens", (qs, cs, cs),
+                      lambda q, k, v: previous_cache_attention(q, k, v, kv_valid, start, BLOCK),
+                      lambda q, k, v: cache_attention(q, k, v, kv_valid, start, block=BLOCK)))
         for name, shapes, previous, flash in cases:
-            t0, m0 = measure(previous, shapes, FLAGS.repeats)
-            t1, m1 = measure(flash, shapes, FLAGS.repeats)
+            backward = not name.startswith("cache")
+            t0, m0 = measure(previous, shapes, FLAGS.repeats, backward)
+            t1, m1 = measure(flash, shapes, FLAGS.repeats, backward)
             print(f"{name:<28}{t0:>11.3f}{t1:>9.3f}{t0 / t1:>8.2f}{m0 / 2**20:>14.1f}{m1 / 2**20:>11.1f}"
                   f"{m0 / m1:>10.1f}", flush=True)
 

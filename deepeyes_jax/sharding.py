@@ -7,10 +7,12 @@ the mesh axes `data`, `fsdp`, `tensor`. Changing the parallelism is a config edi
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -80,14 +82,16 @@ def logical_to_spec(
     rules: AxisRules,
     mesh: Mesh,
     shape: Sequence[int] | None = None,
+    taken: Sequence[str] = (),
 ) -> PartitionSpec:
     """Resolve logical names to a PartitionSpec.
 
-    A mesh axis is used at most once per array, and is dropped for a dimension it does
-    not divide (e.g. 2 KV heads on a 4-way tensor axis), so any config runs on any mesh.
+    A mesh axis is used at most once per array (`taken` ones not at all: an enclosing `vmap_rows` holds them),
+    and is dropped for a dimension it does not divide (e.g. 2 KV heads on a 4-way tensor axis), so any config
+    runs on any mesh.
     """
     table = dict(rules)
-    used: set[str] = set()
+    used: set[str] = set(taken)
     spec = []
     for i, name in enumerate(logical_axes):
         if name is None:
@@ -110,6 +114,10 @@ def logical_to_spec(
     return PartitionSpec(*spec)
 
 
+# Mesh axes held by the batch dimension of the enclosing `vmap_rows` calls (while they trace).
+_ROW_AXES = contextvars.ContextVar("row_axes", default=())
+
+
 @dataclasses.dataclass(frozen=True)
 class Sharder:
     """Carries (mesh, rules) through the model; `None` mesh means single device."""
@@ -119,7 +127,27 @@ class Sharder:
 
     def sharding(self, logical_axes: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:
         assert self.mesh is not None
-        return NamedSharding(self.mesh, logical_to_spec(logical_axes, self.rules, self.mesh, shape))
+        return NamedSharding(self.mesh, logical_to_spec(logical_axes, self.rules, self.mesh, shape, _ROW_AXES.get()))
+
+    def vmap_rows(self, fn):
+        """jax.vmap(fn) over a leading row axis laid out like `activation_batch`: the batch dimension keeps those
+        mesh axes (spmd_axis_name) and the constraints inside `fn` do not use them again. A plain vmap would
+        replicate the rows inside and let an inner constraint (the vision tower's patches) take the axes:
+        every row's activations moved between devices (all-to-all, all-gather)."""
+        if self.mesh is None:
+            return jax.vmap(fn)
+
+        def run(*args):
+            rows = jax.tree.leaves(args)[0].shape[0]
+            spec = logical_to_spec(("activation_batch",), self.rules, self.mesh, (rows,), _ROW_AXES.get())[0]
+            axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+            token = _ROW_AXES.set(_ROW_AXES.get() + axes)
+            try:
+                return jax.vmap(fn, spmd_axis_name=axes or None)(*args)
+            finally:
+                _ROW_AXES.reset(token)
+
+        return run
 
     def __call__(self, x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
         """Constrain an activation to its logical sharding."""
@@ -128,6 +156,27 @@ class Sharder:
         if len(logical_axes) != x.ndim:
             raise ValueError(f"logical axes {tuple(logical_axes)} do not match array of shape {x.shape}")
         return jax.lax.with_sharding_constraint(x, self.sharding(logical_axes, x.shape))
+
+
+def take_rows(x: jax.Array, i, n: int, axis: int = 0) -> jax.Array:
+    """Part i (traced or not) of n interleaved parts of the rows (dimension `axis`): rows i, i + n, i + 2n, ...
+
+    Under row sharding (each device holds a contiguous run of rows) every part has the same number of rows
+    on every device, so a loop over the parts stays local (contiguous parts would each sit on a few devices
+    and every step would gather them), and only the part taken is copied, never a reordered whole."""
+    rows = x.shape[axis]
+    if rows % n:
+        raise ValueError(f"{rows} rows do not split into {n} parts")
+    x = x.reshape(*x.shape[:axis], rows // n, n, *x.shape[axis + 1:])
+    return jax.lax.dynamic_index_in_dim(x, i, axis + 1, keepdims=False)
+
+
+def put_rows(x: jax.Array, part: jax.Array, i, n: int, axis: int = 0) -> jax.Array:
+    """x with part i of n (`take_rows`) replaced by `part`."""
+    rows = x.shape[axis]
+    y = x.reshape(*x.shape[:axis], rows // n, n, *x.shape[axis + 1:])
+    y = jax.lax.dynamic_update_index_in_dim(y, jnp.expand_dims(part.astype(x.dtype), axis + 1), i, axis + 1)
+    return y.reshape(x.shape)
 
 
 # --------------------------------------------------------------------------- batches on several hosts

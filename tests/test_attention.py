@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepeyes_jax.models.flash_attention import (block_ranges_causal, causal_attention, flash_attention,
-                                                 segment_attention)
-from deepeyes_jax.models.layers import chunked_attention, masked_attention
+from deepeyes_jax.models.flash_attention import (block_ranges_causal, cache_attention, causal_attention,
+                                                 flash_attention, segment_attention)
+from deepeyes_jax.models.layers import masked_attention
 from deepeyes_jax.models.qwen2_5_vl.vision import band_attention
 
 
@@ -87,16 +87,26 @@ def test_causal_attention_equals_dense_with_gradients(block):
                  _grads(lambda a, b, c: masked_attention(a, b, c, mask), q, k, v, weight), atol=1e-5)
 
 
-def test_chunked_decode_attention_equals_dense_with_gradients():
-    """The KV-cache path's query-blocked attention (explicit mask) vs one dense softmax, atol 1e-5."""
+@pytest.mark.parametrize("t,block", [(37, 8), (37, 16), (1, 16), (20, 64)])
+def test_cache_attention_equals_dense(t, block):
+    """The rollout's attention over a KV cache (prefill chunks and single decode steps): slot start + i sees the
+    filled slots up to its own, vs a dense masked softmax, atol 1e-5. For chunks, the slots after the batch's
+    last query are NaN: they are never visited (a visited block would turn the output NaN)."""
     rng = np.random.default_rng(5)
-    q = rng.normal(size=(2, 37, 4, 8)).astype(np.float32)
-    k, v = (rng.normal(size=(2, 50, 2, 8)).astype(np.float32) for _ in range(2))
-    mask = rng.random((2, 37, 50)) < 0.6
-    weight = rng.normal(size=q.shape).astype(np.float32)
-    want = _grads(lambda a, b, c: masked_attention(a, b, c, mask), q, k, v, weight)
-    for chunk in (8, 10, 37, 64):
-        _assert_same(_grads(lambda a, b, c: chunked_attention(a, b, c, mask, chunk), q, k, v, weight), want, 1e-5)
+    s = 96
+    start = np.array([3, 40])
+    q = rng.normal(size=(2, t, 4, 8)).astype(np.float32)
+    k, v = (rng.normal(size=(2, s, 2, 8)).astype(np.float32) for _ in range(2))
+    slots = start[:, None] + np.arange(t)[None]
+    kv_valid = rng.random((2, s)) < 0.7
+    kv_valid[np.arange(2)[:, None], slots] = True
+    mask = kv_valid[:, None, :] & (np.arange(s)[None, None, :] <= slots[:, :, None])
+    want = np.asarray(masked_attention(q, k, v, mask))
+    if t > 1:
+        after = np.arange(s) > start.max() + t - 1 + block  # past the last visited key block
+        k[:, after], v[:, after] = np.nan, np.nan
+    got = np.asarray(cache_attention(q, k, v, kv_valid, start, block=block))
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_bf16_flash_attention_stays_close_to_fp32():

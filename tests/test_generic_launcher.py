@@ -20,6 +20,7 @@ from test_judge import _Server
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = [  # the recipe's shapes cut down to this CPU; every other value is configs/deepeyes_7b.py's own
     "--config.steps=2", "--config.prompts=2", "--config.grpo.group_size=2", "--config.actor.micro_batches=2",
+    "--config.rollout.row_chunks=2",
     "--config.actor.logprob_chunk=256", "--config.data.prompt_len=1024", "--config.data.num_patches=64",
     "--config.data.max_pixels=12544", "--config.rollout.max_total_len=1280", "--config.rollout.max_turns=2",
     "--config.rollout.max_turn_tokens=32", "--config.rollout.crop.image_height=112",

@@ -71,11 +71,15 @@ def _full_forward_inputs(traj):
     return np.concatenate(pixels), np.stack(grids).astype(np.int32)
 
 
+def _config(setup, temperature):
+    """Sampling with top-k 50 (greedy: the `greedy` fixture's program), so tests share compiled rollouts."""
+    return setup.rollout_config(temperature=temperature, **({"top_k": 50} if temperature else {}))
+
+
 @pytest.mark.parametrize("temperature,seed", [(0.0, 0), (1.0, 1), (1.0, 2), (0.7, 3)])
 def test_logprobs_equal_teacher_forcing(fitted, temperature, seed):
     setup, model = fitted
-    rollout, params = make_rollout(model, setup.rollout_config(temperature=temperature, top_k=50),
-                                   setup.templates, setup.table)
+    rollout, params = make_rollout(model, _config(setup, temperature), setup.templates, setup.table)
     traj = rollout(params, setup.batch, jax.random.key(seed))
     ids, mask = np.asarray(traj.tokens), np.asarray(traj.attention_mask).astype(np.int32)
     pixels, grids = _full_forward_inputs(traj)
@@ -211,7 +215,7 @@ def test_device_teacher_forcing_matches_recorded_logprobs(fitted):
     from deepeyes_jax.rl.trajectory_forward import trajectory_hidden
 
     setup, model = fitted
-    rollout, params = make_rollout(model, setup.rollout_config(temperature=1.0), setup.templates, setup.table)
+    rollout, params = make_rollout(model, _config(setup, 1.0), setup.templates, setup.table)
     traj = rollout(params, setup.batch, jax.random.key(11))
     assert int(traj.num_zooms.sum()) >= 1
     graphdef, state = nnx.split(model)
@@ -226,3 +230,47 @@ def test_device_teacher_forcing_matches_recorded_logprobs(fitted):
     got = np.asarray(logprobs(state, traj))
     loss = np.asarray(traj.loss_mask)[:, 1:]
     np.testing.assert_allclose(got[loss], np.asarray(traj.logprobs)[:, 1:][loss], atol=LOGPROB_TOL, rtol=0)
+
+
+def test_packed_images_match_encoding_each_image_alone(fitted, greedy):
+    """The update encodes a row's prompt image and its used crops in one packed call of the vision tower:
+    the same features, and the same parameter gradients, as encoding every image alone (fp32; only the
+    flash attention's block order differs)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from deepeyes_jax.rl.trajectory_forward import packed_patches, trajectory_embeddings
+
+    setup, model = fitted
+    traj = greedy[2]
+    assert np.asarray(traj.num_crops).tolist() == [2, 1, 0]
+    pixels, grids = _full_forward_inputs(traj)
+    ends = np.cumsum(np.prod(grids, axis=1))
+    packed, _ = packed_patches(traj, 4)
+    assert packed.shape[1] <= 4 * traj.tokens.shape[1]
+    rows, cols = np.nonzero(np.asarray(traj.tokens) == setup.config.image_token_id)
+    assert len(rows) * 4 == ends[-1]
+    weight = np.random.default_rng(0).normal(size=(len(rows), model.config.text.hidden_size)).astype(np.float32)
+    graphdef, state = nnx.split(model)
+
+    def packed_features(state):
+        return trajectory_embeddings(nnx.merge(graphdef, state), traj)[rows, cols]
+
+    def features_alone(state):
+        m = nnx.merge(graphdef, state)
+        return jnp.concatenate([m.encode_images(p, g[None]) for p, g in
+                                zip(np.split(pixels, ends[:-1]), grids)])
+
+    def value_and_grad(f):
+        return jax.jit(jax.value_and_grad(lambda s: jnp.sum(f(s) * weight), allow_int=True))(state)
+
+    np.testing.assert_allclose(np.asarray(jax.jit(packed_features)(state)),
+                               np.asarray(jax.jit(features_alone)(state)), atol=1e-5, rtol=0)
+    (got, got_grads), (want, want_grads) = value_and_grad(packed_features), value_and_grad(features_alone)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    visual = [(path, g) for path, g in jax.tree_util.tree_leaves_with_path(want_grads) if "visual" in str(path)]
+    assert visual and any(np.abs(np.asarray(g)).max() > 0 for _, g in visual)
+    for (path, g), h in zip(jax.tree_util.tree_leaves_with_path(want_grads), jax.tree.leaves(got_grads)):
+        if jnp.issubdtype(g.dtype, jnp.floating):
+            np.testing.assert_allclose(np.asarray(h), np.asarray(g), atol=1e-5 * max(np.abs(np.asarray(g)).max(), 1),
+                                       err_msg=str(path))

@@ -1,8 +1,11 @@
 """The same model code under several meshes: same logits, parameters sharded by the rules,
 activation constraints really present in the compiled program."""
 
+import re
+
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -11,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 import hf_reference as H
 from deepeyes_jax.models import qwen2_5_vl as q
 from deepeyes_jax.models.qwen2_5_vl.model import _apply, jit_forward
-from deepeyes_jax.sharding import DEFAULT_AXIS_RULES, Sharder, logical_to_spec, make_mesh
+from deepeyes_jax.sharding import DEFAULT_AXIS_RULES, Sharder, logical_to_spec, make_mesh, put_rows, take_rows
 
 MESHES = [(8, 1, 1), (2, 2, 2), (1, 2, 4)]
 SEGMENTS = [[3, (1, 10, 14), 2], [1, (1, 4, 6), 6], [9], [2, (1, 6, 4), 1], [4], [6, (1, 4, 4)], [3], [8]]
@@ -111,3 +114,50 @@ def test_make_mesh_checks_device_count():
     assert dict(make_mesh((-1, 2, 1)).shape) == {"data": 4, "fsdp": 2, "tensor": 1}
     with pytest.raises(ValueError, match=r"mesh shape \(-1, 3, 1\) needs"):
         make_mesh((-1, 3, 1))
+
+
+def test_take_rows_interleaves_and_loops_stay_local():
+    x = np.arange(2 * 16 * 3).reshape(2, 16, 3)
+    np.testing.assert_array_equal(np.asarray(take_rows(x, 1, 4, axis=1)), x[:, 1::4])  # rows c, c + n, ...
+    y = np.asarray(put_rows(np.zeros_like(x), x[:, 1::4], 1, 4, axis=1))
+    np.testing.assert_array_equal(y[:, 1::4], x[:, 1::4])
+    assert not y[:, 0::4].any()
+    with pytest.raises(ValueError, match="16 rows do not split into 3 parts"):
+        take_rows(x, 0, 3, axis=1)
+    # A loop over the parts of a row-sharded array moves no rows between devices (contiguous parts would
+    # each live on two of the eight devices: every step would gather them) and copies one part at a time,
+    # never a reordered whole.
+    mesh = make_mesh((1, 8, 1))
+    rows = jax.sharding.NamedSharding(mesh, P("fsdp"))
+    loop = jax.jit(lambda a: jax.lax.scan(lambda c, i: (c + jnp.sin(take_rows(a, i, 4)).sum(), None), 0.0,
+                                          jnp.arange(4))[0])
+    compiled = loop.lower(jax.ShapeDtypeStruct((64, 1024), np.float32, sharding=rows)).compile()
+    hlo = compiled.as_text()
+    assert "all-gather" not in hlo and "all-to-all" not in hlo and "collective-permute" not in hlo
+    assert compiled.memory_analysis().temp_size_in_bytes < 64 * 1024 * 4 // 8  # less than a device's rows
+
+
+def test_each_row_encodes_its_images_on_its_own_devices(checkpoint):
+    """`encode_rows` (rollout prompts and crops, the update's packed images) keeps every row's patches on the
+    devices that hold the row: the compiled program gathers weights (FSDP) and nothing else, and gives what a
+    per-row encoding on one device gives. (A plain vmap let the tower's patch constraint move every row:
+    all-to-all plus activation all-gathers.)"""
+    mesh = make_mesh((2, 4, 1))
+    model = q.from_pretrained(checkpoint, mesh=mesh)
+    rows = jax.sharding.NamedSharding(mesh, P(("data", "fsdp")))
+    rng = np.random.default_rng(3)
+    pixels = rng.normal(size=(8, 96, model.config.vision.patch_dim)).astype(np.float32)
+    grids = np.array([[[1, 8, 12]], [[1, 4, 4]]] * 4, np.int32)
+    graphdef, state = nnx.split(model)
+    encode = jax.jit(lambda s, p, g: nnx.merge(graphdef, s).encode_rows(p, g))
+    args = (jax.device_put(pixels, rows), jax.device_put(grids, rows))
+    hlo = encode.lower(state, *args).compile().as_text()
+    weights = {tuple(x.shape) for x in jax.tree.leaves(state)}
+    gathered = [tuple(int(d) for d in m.group(1).split(",") if d)
+                for m in re.finditer(r"= \w+\[([\d,]*)\]\S* all-gather(?:-start)?\(", hlo)]
+    assert "all-to-all" not in hlo and gathered and set(gathered) <= weights, gathered
+    got = np.asarray(encode(state, *args))
+    single = q.from_pretrained(checkpoint)
+    for r in (0, 1):
+        want = np.asarray(single.encode_images(pixels[r], grids[r]))
+        np.testing.assert_allclose(got[r], want, atol=1e-5)

@@ -8,7 +8,7 @@ from flax import nnx
 
 from deepeyes_jax.models.qwen2_5_vl.model import jit_forward
 from deepeyes_jax.rl.grpo import GRPOConfig
-from deepeyes_jax.rl.rewards import SOURCE_TOOL, RewardConfig
+from deepeyes_jax.rl.rewards import SOURCE_TOOL
 from deepeyes_jax.rl.train_step import ActorConfig, TrainBatch, TrainConfig, make_optimizer, make_train_step
 from deepeyes_jax.testing import scripted
 
@@ -35,12 +35,12 @@ def _batch(setup, answer=b"A"):
                       box=np.zeros((b, 4), np.float32), has_box=np.zeros(b, bool))
 
 
-def _train_step(setup, model, lr=2e-3, reward=RewardConfig(), tx=None, **actor):
+def _train_step(setup, model, lr=2e-3, tx=None, **actor):
     # The step donates its parameters; train a copy so the shared fixture model stays usable.
     graphdef, state = nnx.split(model)
     model = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
     config = TrainConfig(rollout=setup.rollout_config(temperature=1.0, max_turns=2),
-                         grpo=GRPOConfig(group_size=GROUP), reward=reward, actor=ActorConfig(**actor))
+                         grpo=GRPOConfig(group_size=GROUP), actor=ActorConfig(**actor))
     tx = make_optimizer(lr, max_grad_norm=1.0) if tx is None else tx
     return make_train_step(model, tx, config, setup.templates, setup.table)
 
@@ -69,17 +69,6 @@ def test_probability_of_the_rewarded_answer_rises(bandit):
         accuracy.append(float(metrics["accuracy"]))
     p1 = _p_answer_a(setup, nnx.merge(graphdef, params))
     assert p1 > p0 + 0.2, (p0, p1, accuracy)
-
-
-def test_zero_advantages_give_zero_gradient(bandit):
-    setup, model = bandit
-    no_reward = RewardConfig(acc_weight=0.0, format_weight=0.0, tool_weight=0.0)
-    step, params, opt_state = _train_step(setup, model, reward=no_reward)
-    before = jax.tree.map(np.asarray, params)
-    params, _, metrics, _, rows = step(params, opt_state, _batch(setup), jax.random.key(0))
-    assert float(metrics["grad_norm"]) == 0.0
-    np.testing.assert_array_equal(np.asarray(rows["advantage"]), 0.0)
-    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params), before)
 
 
 def test_loss_equals_numpy_recomputation_and_compiles_once(bandit):
@@ -158,8 +147,10 @@ def test_kl_to_a_frozen_reference(bandit):
     assert abs(kl[0]) < 1e-5 and kl[2] > 1e-4, kl
 
 
-def test_judged_step_uses_the_judge_over_http(bandit):
-    """Judge on: rollout program -> host judge (a real HTTP server on loopback) -> update program."""
+@pytest.fixture(scope="module")
+def judged(bandit):
+    """One judged step (judge on: rollout program -> host judge on a real HTTP server on loopback -> update
+    program) -> (setup, step, params and optimizer state before it, batch, its outputs, the judge's bodies)."""
     from test_judge import _Server
 
     from deepeyes_jax.rl.judge import JudgeClient, JudgeConfig
@@ -175,13 +166,32 @@ def test_judged_step_uses_the_judge_over_http(bandit):
         step, params, opt_state = make_judged_train_step(fresh, make_optimizer(1e-3), config, setup.templates,
                                                          setup.table, tokenizer=setup.tokenizer, judge=client)
         batch = _batch(setup)
+        before = jax.tree.map(jnp.copy, (params, opt_state))
         questions, truths = [QUESTION] * len(batch.answer), ["A"] * len(batch.answer)
-        params, opt_state, metrics, traj, rows = step(params, opt_state, batch, jax.random.key(0), questions, truths)
+        out = step(params, opt_state, batch, jax.random.key(0), questions, truths)
     finally:
         server.close()
+    return setup, step, before, batch, out, server.bodies
+
+
+def test_judged_step_uses_the_judge_over_http(judged):
+    _, _, _, _, (_, _, metrics, _, rows), bodies = judged
     acc = np.asarray(rows["acc"])
     assert 0 < acc.mean() < 1 and float(metrics["judge_failed"]) == 0
     # The judge's verdicts drive the reward: 0.8 acc - 0.2 format error (no zooms in these single-turn answers).
     np.testing.assert_allclose(np.asarray(rows["reward"]), 0.8 * acc - 0.2 * np.asarray(rows["format_error"]),
                                atol=1e-6)
-    assert sum(1 for mode, _ in server.bodies if mode == "letter_a") == len(acc)
+    assert sum(1 for mode, _ in bodies if mode == "letter_a") == len(acc)
+
+
+def test_zero_advantages_give_zero_gradient(judged):
+    """Equal rewards in every group: zero advantages, a zero gradient, unchanged parameters (the judged step's
+    update program, fed the same trajectories with every reward 0)."""
+    setup, step, (params, opt_state), batch, (_, _, _, traj, _), _ = judged
+    score = step.score(params, batch, jax.random.key(0), setup.table)[1]
+    score = dict(score, reward=jnp.zeros_like(score["reward"]))
+    before = jax.tree.map(np.asarray, params)
+    params, _, metrics, rows = step.update(params, opt_state, traj, score, batch.box, batch.has_box, None)
+    assert float(metrics["grad_norm"]) == 0.0
+    np.testing.assert_array_equal(np.asarray(rows["advantage"]), 0.0)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params), before)

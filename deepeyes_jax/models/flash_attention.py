@@ -6,13 +6,15 @@ q float[B, Lq, H, D], k/v float[B, Lk, KV, D] (grouped KV heads); q_ids int32[B,
 hold each position's (segment, position): a query sees a key iff their segments are equal and, when causal, the
 key's position is not after the query's. `ranges` int32[2, Lq / block_q] is the half-open run of key blocks each
 query block may see (shared by the batch); blocks outside it are never visited, which is where the causal and
-the per-image savings come from (`visits`, the mean run length, is declared for FLOP counting). The forward keeps only the output and the row log-sum-exp; the backward (a
-custom VJP) recomputes each score block from them, so neither pass holds more than one [B, heads, block_q,
-block_k] block of scores, and nothing is kept per visited block (a differentiated scan would keep its carry for
-every step: the 806 GB of one vision layer at 8k tokens).
+the per-image savings come from (`visits`, the mean run length, is declared for FLOP counting). The forward
+keeps only the output and the row log-sum-exp; the backward (a custom VJP) recomputes each score block from
+them, so neither pass holds more than one [B, heads, block_q, block_k] block of scores, and nothing is kept per
+visited block (a differentiated scan would keep its carry for every step: the 806 GB of one vision layer at 8k
+tokens).
 
-Rows that see no key give 0. Scores and statistics are fp32 whatever the input dtype (einsums accumulate in fp32).
-"""
+Users: `causal_attention` (teacher-forced decoder passes), `cache_attention` (the rollout's prefill and
+observation chunks over the KV cache), `segment_attention` (the vision tower's full attention, per image).
+Rows that see no key give 0. Scores and statistics are fp32 whatever the input dtype (einsums accumulate in fp32)."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepeyes_jax.flops import loop_trips
+from deepeyes_jax.models.layers import masked_attention
 
 _FLOOR = jnp.finfo(jnp.float32).min  # finite: a row with no key yet never computes inf - inf
 
@@ -187,6 +190,28 @@ def causal_attention(q, k, v, valid, *, block: int) -> jax.Array:
     visits = np.mean(np.minimum((np.arange(nb) + 1) * block - 1, t - 1) // block + 1)
     return flash_attention(q, k, v, q_ids, k_ids, block_ranges_causal(t, t, block, block), causal=True,
                            block_q=block, block_k=block, visits=visits)
+
+
+def cache_attention(q, k, v, kv_valid, start, *, block: int) -> jax.Array:
+    """Attention of a chunk of T new tokens over a KV cache: query i of row b sits at slot start[b] + i and sees
+    the filled slots (kv_valid bool[B, S]) up to its own. q float[B, T, H, D]; k/v float[B, S, KV, D], the cache
+    with this chunk already written. No [B, T, S] mask is built and the key blocks after the batch's last query
+    slot are never visited (counted as visited: the slots are data). A single new token (a decode step) takes
+    one dense [B, H, 1, S] score row instead: small, and one fused op."""
+    b, t = q.shape[:2]
+    s = k.shape[1]
+    key_slots = jnp.arange(s, dtype=jnp.int32)
+    if t == 1:
+        return masked_attention(q, k, v, (kv_valid & (key_slots[None] <= start[:, None]))[:, None])
+    slots = start[:, None].astype(jnp.int32) + jnp.arange(t, dtype=jnp.int32)[None]
+    q_ids = jnp.stack([jnp.zeros_like(slots), slots], axis=-1)
+    k_ids = jnp.stack([jnp.where(kv_valid, 0, -1), jnp.broadcast_to(key_slots, (b, s))], axis=-1)
+    block_q, block_k = min(block, t), min(block, s)
+    nq, nk = -(-t // block_q), -(-s // block_k)
+    last = jnp.max(start) + jnp.minimum((jnp.arange(nq) + 1) * block_q, t) - 1
+    ranges = jnp.stack([jnp.zeros(nq, jnp.int32), jnp.minimum(last // block_k + 1, nk)])
+    return flash_attention(q, k, v, q_ids, k_ids, ranges, causal=True, block_q=block_q, block_k=block_k,
+                           visits=nk)
 
 
 def segment_attention(q, k, v, seg, *, block: int) -> jax.Array:

@@ -141,21 +141,3 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("...kgqt,...tkd->...qkgd", probs, v)
     return out.reshape(*batch, lq, h, d)
-
-
-def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, chunk: int) -> jax.Array:
-    """`masked_attention` over query blocks of `chunk` rows, each rematerialised in the backward pass.
-
-    q float[B, Lq, H, D], k/v float[B, Lk, KV, D], mask bool[B, Lq, Lk]. Forward and backward hold one
-    [B, heads, chunk, Lk] score block instead of [B, heads, Lq, Lk] (training over long trajectories).
-    """
-    b, lq = q.shape[:2]
-    if lq <= chunk:
-        return masked_attention(q, k, v, mask)
-    n = -(-lq // chunk)
-    pad = n * chunk - lq
-    qb = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, chunk, *q.shape[2:])
-    mb = jnp.pad(mask, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, mask.shape[-1])
-    block = jax.checkpoint(lambda qc, mc: masked_attention(qc, k, v, mc))
-    out = jax.lax.map(lambda xs: block(*xs), (jnp.moveaxis(qb, 1, 0), jnp.moveaxis(mb, 1, 0)))
-    return jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, *q.shape[2:])[:, :lq]

@@ -91,16 +91,14 @@ def optimizer(config: OptimConfig) -> optax.GradientTransformation:
                           b1=config.b1, b2=config.b2)
 
 
-def _split_rows(tree, n: int):
-    """Split every array's row axis into [n, rows / n] (position_ids keep rows on their axis 1)."""
-    def split(x, axis=0):
-        x = jnp.moveaxis(x, axis, 0)
-        return jnp.moveaxis(x.reshape(n, x.shape[0] // n, *x.shape[1:]), 1, axis + 1)
-
+def _rows_of(tree, i, n: int):
+    """Part i of n interleaved parts of every array's rows (`sharding.take_rows`; position_ids keep rows on their
+    axis 1): each micro-batch has the same rows on every device, and only it is copied."""
     def go(x):
         if isinstance(x, Trajectories):
-            return x._replace(**{f: split(getattr(x, f), 1 if f == "position_ids" else 0) for f in x._fields})
-        return split(x)
+            return x._replace(**{f: shd.take_rows(getattr(x, f), i, n, 1 if f == "position_ids" else 0)
+                                 for f in x._fields})
+        return shd.take_rows(x, i, n)
 
     return jax.tree.map(go, tree, is_leaf=lambda x: isinstance(x, Trajectories))
 
@@ -117,7 +115,9 @@ def rollout_and_score(graphdef, cfg: TrainConfig, templates, params, batch: Trai
 def _step(graphdef, cfg: TrainConfig, templates, tx, params, opt_state, batch: TrainBatch, rng, table,
           ref_params):
     traj, score = rollout_and_score(graphdef, cfg, templates, params, batch, rng, table)
-    return _update(graphdef, cfg, tx, params, opt_state, traj, score, batch.box, batch.has_box, ref_params)
+    params, opt_state, out, rows = _update(graphdef, cfg, tx, params, opt_state, traj, score, batch.box,
+                                           batch.has_box, ref_params)
+    return params, opt_state, out, traj, rows
 
 
 def _update(graphdef, cfg: TrainConfig, tx, params, opt_state, traj, score, box, has_box, ref_params):
@@ -134,29 +134,31 @@ def _update(graphdef, cfg: TrainConfig, tx, params, opt_state, traj, score, box,
         return grpo.policy_loss(logp, traj.logprobs[:, 1:], adv, traj.loss_mask[:, 1:], cfg.grpo,
                                 ref_logp=ref_logp, entropy=entropy)
 
-    def update(carry, data):
-        params, opt_state = carry
-        full_mask = data[0].loss_mask[:, 1:]
+    n_mini, n_micro = cfg.actor.mini_batches, cfg.actor.micro_batches
 
-        def micro(grads, part):
+    def update(carry, m):  # mini-batch m: rows m, m + n_mini, ...; its micro-batch u: every n_micro-th of those
+        params, opt_state = carry
+        full_mask = shd.take_rows(traj.loss_mask, m, n_mini)[:, 1:]
+
+        def micro(grads, u):
+            part = _rows_of((traj, adv), m + n_mini * u, n_mini * n_micro)
             weight = grpo.micro_batch_weight(part[0].loss_mask[:, 1:], full_mask, cfg.grpo.loss_agg_mode)
             (loss, pairs), g = jax.value_and_grad(loss_fn, has_aux=True)(params, *part)
             grads = jax.tree.map(lambda a, b: a + weight * b, grads, g)
             return grads, (weight * loss, {k: v for k, v in pairs.items() if k not in ("loss", "pg_loss")})
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        grads, (losses, pairs) = jax.lax.scan(micro, zeros, _split_rows(data, cfg.actor.micro_batches))
+        grads, (losses, pairs) = jax.lax.scan(micro, zeros, jnp.arange(n_micro))
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), (jnp.sum(losses), pairs, optax.global_norm(grads))
 
-    (params, opt_state), (losses, pairs, grad_norms) = jax.lax.scan(
-        update, (params, opt_state), _split_rows((traj, adv), cfg.actor.mini_batches))
+    (params, opt_state), (losses, pairs, grad_norms) = jax.lax.scan(update, (params, opt_state), jnp.arange(n_mini))
 
     rows = metrics.row_metrics(traj, score, box, has_box)
     out = {k: jnp.sum(s) / jnp.maximum(jnp.sum(c), 1) for k, (s, c) in pairs.items()}
     out.update(metrics.summarize(rows), loss=jnp.mean(losses), grad_norm=jnp.mean(grad_norms),
                sampled_tokens=jnp.sum(traj.response_length))
-    return params, opt_state, out, traj, dict(rows, advantage=adv)
+    return params, opt_state, out, dict(rows, advantage=adv)
 
 
 def _check(config: TrainConfig):
@@ -177,7 +179,8 @@ def programs(graphdef, config: TrainConfig, templates: rc.Templates, tx: optax.G
 
       train_step(params, opt_state, batch, rng, table, ref_params) -> (params, opt_state, metrics, traj, rows)
       rollout_and_score(params, batch, rng, table) -> (traj, score)               the judged step's first half
-      update(params, opt_state, traj, score, box, has_box, ref_params) -> like train_step      its second half
+      update(params, opt_state, traj, score, box, has_box, ref_params) -> (params, opt_state, metrics, rows)
+                                          its second half (the trajectories are its input: not returned again)
     """
     return dict(
         train_step=jax.jit(functools.partial(_step, graphdef, config, templates, tx), donate_argnums=(0, 1)),
@@ -256,8 +259,8 @@ def make_judged_train_step(model, tx: optax.GradientTransformation, config: Trai
                           r.math_acc_weight * acc - r.math_format_weight * fmt).astype(np.float32)
         with jax.transfer_guard("allow"):
             judged = dict(device_score, acc=to_global(acc), reward=to_global(reward))
-        params, opt_state, metrics, traj, rows = update(params, opt_state, traj, judged, batch.box, batch.has_box,
-                                                        ref_params)
+        params, opt_state, metrics, rows = update(params, opt_state, traj, judged, batch.box, batch.has_box,
+                                                  ref_params)
         counts = np.array([stats.get(k, 0) + math_stats.get(k, 0) for k in ("failed", "retried")], np.float32)
         if jax.process_count() > 1:
             counts = np.asarray(multihost_utils.process_allgather(counts)).sum(0)

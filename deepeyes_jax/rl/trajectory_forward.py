@@ -1,8 +1,10 @@
 """Teacher-forced pass over finished trajectories, on device: what the GRPO update differentiates.
 
-Each row's images (its prompt image, then its crops in order) are encoded at their static buffer
-sizes and matched to the row's image tokens in order, so the whole batch runs as one program
-with the positions the rollout recorded.
+Each row's images (its prompt image, then the crops it really received, in order) are packed back to back
+into one patch buffer and encoded by one call of the vision tower (per-image windows and full attention, as
+transformers encodes several images); the k-th image token of the row takes the k-th feature. The buffer
+holds `merge_unit * S` patches at most (a row's image tokens fit in its S slots), so the vision work
+follows the trajectory's length, not the number of crop slots times the largest crop.
 """
 
 from __future__ import annotations
@@ -10,39 +12,43 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from deepeyes_jax.models.qwen2_5_vl.model import merge_image_features
 from deepeyes_jax.rl import grpo
 from deepeyes_jax.rollout.sampler import Trajectories
 from deepeyes_jax.rollout.zoom import pixel_values_from_frames
 
 
-def _encode(model, pixel_values, grid):
-    # Unused crop slots carry grid 0: give them a minimal valid grid (their features are never read).
-    grid = jnp.where(jnp.all(grid == 0), jnp.array([1, 2, 2], grid.dtype), grid)
-    return model.encode_images(pixel_values, grid[None])
+def packed_patches(traj: Trajectories, merge_unit: int) -> tuple[jax.Array, jax.Array]:
+    """-> (pixel_values float[B, P, 1176], grids int32[B, 1 + K, 3]): each row's prompt image and used crops,
+    back to back (unused crop slots get grid 0). P = min(N0 + K * Pc, merge_unit * S); rows past a row's
+    images repeat its last patch (finite, never read)."""
+    b, k, pc = traj.crop_frames.shape[:3]
+    n0 = traj.prompt_pixel_values.shape[1]
+    size = min(n0 + k * pc, merge_unit * traj.tokens.shape[1])
+    used = jnp.arange(k)[None, :] < traj.num_crops[:, None]
+    grids = jnp.concatenate([traj.prompt_grid_thw[:, None], jnp.where(used[..., None], traj.crop_grid_thw, 0)],
+                            axis=1).astype(jnp.int32)  # [B, 1 + K, 3]
+    counts = jnp.prod(grids, axis=-1)
+    ends = jnp.cumsum(counts, axis=1)
+
+    def row(prompt, frames, ends, counts):
+        j = jnp.arange(size)
+        image = jnp.clip(jnp.searchsorted(ends, j, side="right"), 0, k)
+        local = j - (ends - counts)[image]
+        first = jnp.take(prompt, jnp.clip(local, 0, n0 - 1), axis=0)
+        crop = jnp.take(frames.reshape(k * pc, -1), jnp.clip((image - 1) * pc + local, 0, k * pc - 1), axis=0)
+        return jnp.where((image == 0)[:, None], first, pixel_values_from_frames(crop).astype(first.dtype))
+
+    return jax.vmap(row)(traj.prompt_pixel_values, traj.crop_frames, ends, counts), grids
 
 
 def trajectory_embeddings(model, traj: Trajectories) -> jax.Array:
     """Input embeddings float[B, S, D] of the final trajectories with every image merged in."""
-    b, k = traj.crop_grid_thw.shape[:2]
-    first = jax.vmap(lambda pv, g: _encode(model, pv, g))(traj.prompt_pixel_values, traj.prompt_grid_thw)
-    crops = jax.vmap(jax.vmap(lambda f, g: _encode(model, pixel_values_from_frames(f), g)))(traj.crop_frames,
-                                                                                          traj.crop_grid_thw)
-    table = jnp.concatenate([first, crops.reshape(b, -1, crops.shape[-1])], axis=1)  # [B, U0 + K * Uc, D]
-    unit = model.config.vision.merge_unit
-    grids = jnp.concatenate([traj.prompt_grid_thw[:, None], traj.crop_grid_thw], axis=1)  # [B, 1 + K, 3]
-    used = jnp.arange(k + 1)[None, :] <= traj.num_crops[:, None]
-    counts = jnp.where(used, jnp.prod(grids, axis=-1) // unit, 0)  # image tokens per image
-    ends = jnp.cumsum(counts, axis=1)
-    offsets = jnp.concatenate([jnp.zeros(1, jnp.int32), first.shape[1] + crops.shape[2] * jnp.arange(k)])
-    is_img = traj.tokens == model.config.image_token_id
-    count = jnp.cumsum(is_img, axis=1, dtype=jnp.int32) - 1
-    image = jax.vmap(lambda e, c: jnp.searchsorted(e, c, side="right"))(ends, count)
-    image = jnp.clip(image, 0, k)
-    start = jnp.take_along_axis(ends - counts, image, axis=1)
-    row = jnp.clip(offsets[image] + count - start, 0, table.shape[1] - 1)
-    features = jnp.take_along_axis(table, row[..., None], axis=1)
+    pixel_values, grids = packed_patches(traj, model.config.vision.merge_unit)
+    features = model.encode_rows(pixel_values, grids)  # [B, P / 4, D]
     embeds = model.model.embed_tokens(traj.tokens)
-    return jnp.where(is_img[..., None], features.astype(embeds.dtype), embeds)
+    merge = lambda e, ids, f: merge_image_features(e[None], ids[None], f, model.config.image_token_id)[0]  # noqa: E731
+    return jax.vmap(merge)(embeds, traj.tokens, features)
 
 
 def trajectory_hidden(model, traj: Trajectories) -> jax.Array:

@@ -17,8 +17,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from deepeyes_jax import sharding as shd
 from deepeyes_jax.data import image_processing as ip
 from deepeyes_jax.flops import loop_trips
 from deepeyes_jax.models.qwen2_5_vl.rope import mrope_position_ids
@@ -128,11 +130,6 @@ def _along_rows(model, tree):
     return tree._replace(**{f: shard(getattr(tree, f), _row_axis(f)) for f in tree._fields if f != "cache"})
 
 
-def _encode_rows(model, pixel_values, grids):
-    """Each row's single image: float[B, N, 1176], int[B, 3] -> float[B, N/4, D]."""
-    return jax.vmap(lambda pv, g: model.encode_images(pv, g[None]))(pixel_values, grids)
-
-
 def _logits_at(model, hidden, index):
     """hidden float[B, T, D], index int32[B] -> float32[B, V]."""
     h = jnp.take_along_axis(hidden, index[:, None, None], axis=1)
@@ -143,29 +140,31 @@ def rollout_program(graphdef, cfg: rc.RolloutConfig, tpl: rc.Templates, params, 
     """The rollout as a traceable function (make_rollout jits it; the fused train step inlines it).
 
     With cfg.row_chunks = n > 1, row r belongs to chunk r % n (so that every chunk has the same rows on every
-    device under row sharding); the chunks run one after the other and their trajectories are put back in
-    row order."""
+    device under row sharding); the chunks run one after the other, each writing its trajectories into their
+    rows of the output."""
     model = nnx.merge(graphdef, params).for_decoding()
     n, b = cfg.row_chunks, batch.prompt_ids.shape[0]
     if n == 1:
         return _rollout_rows(model, cfg, tpl, batch, rng, table)
     if b % n:
         raise ValueError(f"batch of {b} rows does not split into rollout.row_chunks={n} chunks")
-    def split(x, axis=0):  # [.., B, ..] -> [n, .., B / n, ..], chunk c = rows c, c + n, ...
-        x = jnp.moveaxis(x, axis, 0)
-        x = jnp.moveaxis(x.reshape(b // n, n, *x.shape[1:]), 1, 0)
-        return jnp.moveaxis(x, 1, axis + 1)
 
-    def merge(x, axis=0):  # inverse of split
-        x = jnp.moveaxis(jnp.moveaxis(x, axis + 1, 1), 0, 1)
-        return jnp.moveaxis(x.reshape(b, *x.shape[2:]), 0, axis)
+    def rows_of(tree, c):  # chunk c: rows c, c + n, ... (positions keep rows on axis 1)
+        return tree._replace(**{f: shd.take_rows(getattr(tree, f), c, n, _row_axis(f)) for f in tree._fields})
 
-    def one(args):
-        rows, c = args
-        return _rollout_rows(model, cfg, tpl, rows, jax.random.fold_in(rng, c), table)
+    def chunk(c, out):
+        traj = _rollout_rows(model, cfg, tpl, rows_of(batch, c), jax.random.fold_in(rng, c), table)
+        return out._replace(**{f: shd.put_rows(getattr(out, f), getattr(traj, f), c, n, _row_axis(f))
+                               for f in out._fields})
 
-    traj = jax.lax.map(one, (jax.tree.map(split, batch), jnp.arange(n)))
-    return _along_rows(model, traj._replace(**{f: merge(getattr(traj, f), _row_axis(f)) for f in traj._fields}))
+    one = jax.eval_shape(lambda: _rollout_rows(model, cfg, tpl, rows_of(batch, 0), rng, table))
+    out = Trajectories(**{f: jnp.zeros(_grow(getattr(one, f).shape, _row_axis(f), n), getattr(one, f).dtype)
+                          for f in one._fields})
+    return _along_rows(model, jax.lax.fori_loop(0, n, chunk, _along_rows(model, out)))
+
+
+def _grow(shape, axis: int, n: int) -> tuple[int, ...]:
+    return (*shape[:axis], shape[axis] * n, *shape[axis + 1:])
 
 
 def _rollout_rows(model, cfg: rc.RolloutConfig, tpl: rc.Templates, batch: RolloutBatch, rng, table):
@@ -186,7 +185,7 @@ def _rollout_rows(model, cfg: rc.RolloutConfig, tpl: rc.Templates, batch: Rollou
     pos, next_pos = _row_positions(model, batch.prompt_ids, prompt_valid, batch.image_grid_thw, jnp.zeros(b, jnp.int32))
     hidden, cache, valid = model.decode_chunk(
         batch.prompt_ids, prompt_valid, pos, model.init_cache(b, s_alloc), jnp.zeros((b, s_alloc), bool),
-        jnp.zeros(b, jnp.int32), _encode_rows(model, batch.pixel_values, batch.image_grid_thw))
+        jnp.zeros(b, jnp.int32), model.encode_rows(batch.pixel_values, batch.image_grid_thw[:, None]))
     pad = lambda x, fill=0: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, s_alloc - p)], constant_values=fill)  # noqa: E731
     pc = cfg.crop.max_patches
     state = _State(
@@ -243,16 +242,17 @@ def _rollout_rows(model, cfg: rc.RolloutConfig, tpl: rc.Templates, batch: Rollou
         # The observation: a crop encoded by the vision tower, or a fixed error message.
         frames, crop_grid = jax.vmap(lambda im, hw, box: zoom.crop_resize_frames(im, hw, box, cfg.crop))(
             batch.image, batch.image_hw, parse.bbox)
-        feats = _encode_rows(model, zoom.pixel_values_from_frames(frames), crop_grid)
+        feats = model.encode_rows(zoom.pixel_values_from_frames(frames), crop_grid[:, None])
         n_img = crop_grid[:, 0] * crop_grid[:, 1] * crop_grid[:, 2] // model.config.vision.merge_unit
         errors = jnp.asarray([e + (0,) * (chunk - len(e)) for e in tpl.errors], jnp.int32)
         err_len = jnp.asarray([len(e) for e in tpl.errors], jnp.int32)
         i = jnp.arange(chunk)[None, :]
-        prefix = jnp.asarray(tpl.zoom_prefix, jnp.int32)
-        suffix = jnp.asarray(tpl.zoom_suffix, jnp.int32)
         after = i - n_pre - n_img[:, None]
-        zoom_ids = jnp.where(i < n_pre, prefix[jnp.clip(i, 0, n_pre - 1)],
-                             jnp.where(after < 0, tpl.image_pad, suffix[jnp.clip(after, 0, n_suf - 1)]))
+        # Selects, not gathers from the template tokens (libtpu 0.0.52 fails to tile the gathers' bounds checks).
+        zoom_ids = jnp.asarray(np.pad(np.asarray(tpl.zoom_prefix, np.int32), (0, chunk - n_pre),
+                                      constant_values=tpl.image_pad))[None, :]
+        for k, token in enumerate(tpl.zoom_suffix):
+            zoom_ids = jnp.where(after == k, token, zoom_ids)
         ids = jnp.where(is_zoom[:, None], zoom_ids, errors[parse.error])
         obs_len = jnp.where(is_zoom, n_pre + n_img + n_suf, err_len[parse.error])
         append = wants_obs & (st.length + obs_len < s)  # whole or not at all, and room to answer

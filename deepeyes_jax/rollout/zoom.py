@@ -15,20 +15,23 @@ shapes (no host callback), jittable and vmappable over rows:
 
 Resize = PIL's separable two-pass fixed-point resampler: per output sample, bicubic (a = -0.5)
 taps at t = (x + 0.5 - center) / max(scale, 1) restricted to the crop and renormalised, rounded to
-22-bit fixed point; after each pass the sums are rounded and clipped to uint8. Both passes are
-dense matmuls over the zero-padded buffer into a fixed canvas (output rows/columns beyond the
-resized size and source pixels outside the crop get zero weight). Pillow >= 13 runs the vertical
-pass first when the crop loses more than twice as many rows as columns (see `CropSpec`).
+22-bit fixed point; after each pass the sums are rounded and clipped to uint8. Each pass gathers a
+band of k source pixels per output sample (k = `CropSpec.taps_hw`, the kernel's support at the
+largest scale any accepted box needs: 5-7 for DeepEyes' budget) into a fixed canvas (output
+rows/columns beyond the resized size and source pixels outside the crop get zero weight), so the
+work is canvas x k per pass, not canvas x buffer. Pillow >= 13 runs the vertical pass first when
+the crop loses more than twice as many rows as columns (see `CropSpec`).
 
 Not bit-exact: the tap weights are computed in float32 (PIL: float64) before the 22-bit
-rounding, and the tap sums are float32 matmuls (PIL: exact integers), so a few uint8 values per
-thousand land one level off (tests/test_zoom.py measures it; measured on CPU, where float32
-division is IEEE; TPU's approximate division may add a little). Everything after the resize (the
+rounding, so a weight can be a unit of 2^-22 off and a sum near a rounding boundary lands one
+uint8 level off (tests/test_zoom.py measures it; measured on CPU, where float32 division is IEEE;
+TPU's approximate division may add a little). The tap sums themselves are PIL's exact int32 sums,
+so the result does not depend on how XLA orders or fuses them. Everything after the resize (the
 uint8 -> normalised float lookup and the patch order) is exact.
 
-Cost example: a 2240x2240 buffer with a 1003520-pixel budget gives canvas 2240x2240 and
-max_patches 5120: ~68 G multiply-adds per crop, ~190 MB of temporaries per row (~135 MB with
-pillow13_order=False, which needs no lax.cond), 23 MB of pixel_values.
+Cost example: DeepEyes' 7B recipe (3072x3072 buffer, 12845056-pixel budget) gives canvas 3080x3080,
+7 taps per sample and 48,400 patches: ~0.4 G multiply-adds per crop (the dense-matrix resize this
+replaced: 175 G), see `python -m benchmarks.crop`.
 """
 
 from __future__ import annotations
@@ -152,6 +155,27 @@ class CropSpec:
                     best = max(best, ip.smart_resize(h, w, min_pixels=lo, max_pixels=hi)[0])
         return best
 
+    def _max_scale(self, n: int, other: int) -> float:
+        """Largest crop side / resized side along an axis of buffer side n over the same crops as `_max_side`.
+        For a fixed h the resized h does not grow with w (within a branch, and from branch to branch: upscaled
+        >= kept >= downscaled), so the smallest is at the widest accepted w: O(n) host smart_resize calls."""
+        a, lo, hi = self.crop_aspect_bound, self.min_pixels, self.max_pixels
+        best = 1.0
+        for h in range(30, n + 1):
+            w = min(other, math.floor(a * h))
+            while w >= 30 and max(h, w) > a * min(h, w):
+                w -= 1
+            if w >= 30:
+                best = max(best, h / ip.smart_resize(h, w, min_pixels=lo, max_pixels=hi)[0])
+        return best
+
+    @functools.cached_property
+    def taps_hw(self) -> tuple[int, int]:
+        """Bicubic taps per output sample along (h, w): the kernel's support, |t| < 2 with t in units of
+        max(scale, 1), holds at most ceil(4 max(scale, 1)) source pixels (+1 against float rounding)."""
+        return tuple(math.ceil(4 * self._max_scale(n, o) - 1e-9) + 1
+                     for n, o in ((self.image_height, self.image_width), (self.image_width, self.image_height)))
+
     @functools.cached_property
     def canvas_hw(self) -> tuple[int, int]:
         """(Hc, Wc): the resize output canvas, the largest resized (h', w') of any accepted box."""
@@ -169,34 +193,41 @@ def _bicubic(t):
     return jnp.where(t < 1.0, near, jnp.where(t < 2.0, far, 0.0))
 
 
-def _weights(start, size, out, n_out, n_src):
-    """float32[n_out, n_src]: PIL BICUBIC weights resampling source [start, start + size) to `out`
-    samples; zero for output rows >= out and source indices outside the crop; each row
-    renormalised over the crop and rounded to 22-bit fixed point (half away from zero) like PIL.
+def _taps(start, size, out, n_out, n_src, k):
+    """PIL BICUBIC resampling of source [start, start + size) to `out` samples as a band of k taps per output:
+    (source index int32[n_out, k], weight int32[n_out, k] in 22-bit fixed point). Zero weight for output rows
+    >= out and source pixels outside the crop; each row renormalised over the crop and rounded half away from
+    zero like PIL. The band starts at the first pixel inside the kernel's support (|t| < 2), which holds at
+    most ceil(4 max(size / out, 1)) pixels (`CropSpec.taps_hw`).
 
-    t = (x + 0.5 - (j + 0.5) * size / out) / max(size / out, 1) is formed as an exact integer
-    ratio, so float32 only rounds once before the kernel."""
+    t = (x + 0.5 - (j + 0.5) * size / out) / max(size / out, 1) is formed as an exact integer ratio, so
+    float32 only rounds once before the kernel."""
     j = jnp.arange(n_out, dtype=jnp.int32)[:, None]
-    x = jnp.arange(n_src, dtype=jnp.int32)[None, :] - start
+    big = jnp.maximum(size, out)
+    # First crop-relative x with (2x + 1) out - (2j + 1) size > -4 max(size, out).
+    first = ((2 * j + 1) * size - 4 * big - out) // (2 * out) + 1
+    x = first + jnp.arange(k, dtype=jnp.int32)[None, :]
     num = (2 * x + 1) * out - (2 * j + 1) * size
-    t = num.astype(jnp.float32) / (2 * jnp.maximum(size, out)).astype(jnp.float32)
+    t = num.astype(jnp.float32) / (2 * big).astype(jnp.float32)
     w = jnp.where((x >= 0) & (x < size) & (j < out), _bicubic(t), 0.0)
-    total = jnp.sum(w, axis=1, keepdims=True)
+    total = w[:, :1]
+    for i in range(1, k):  # a fixed summation order: a reduce's order (and so a weight's rounding) may vary
+        total = total + w[:, i:i + 1]  # with the batch's vectorisation
     w = w / jnp.where(total == 0, 1.0, total)
-    return jnp.sign(w) * jnp.floor(jnp.abs(w) * 2.0**22 + 0.5) * 2.0**-22
+    fixed = (jnp.sign(w) * jnp.floor(jnp.abs(w) * 2.0**22 + 0.5)).astype(jnp.int32)
+    return jnp.clip(start + x, 0, n_src - 1), fixed
 
 
-def _round_clip(s):
-    """PIL's per-pass (sum + 2^21) >> 22, clipped to [0, 255]."""
-    return jnp.clip(jnp.floor(s + 0.5), 0.0, 255.0)
-
-
-def _pass_rows(w, x):  # float32[o, i] x [i, m, 3] -> [o, m, 3]
-    return _round_clip(jnp.einsum("oi,imc->omc", w, x, precision=jax.lax.Precision.HIGHEST))
-
-
-def _pass_cols(w, x):  # float32[o, i] x [m, i, 3] -> [m, o, 3]
-    return _round_clip(jnp.einsum("oi,mic->moc", w, x, precision=jax.lax.Precision.HIGHEST))
+def _pass(taps, x, axis):
+    """Resample `axis` of x int32[..., n_src, ...] (values 0..255) with taps (index, fixed-point weight)
+    [n_out, k]: PIL's integer sum, (sum_k w * x[idx] + 2^21) >> 22 clipped to [0, 255]. Exact (|sum| < 2^31)."""
+    index, weight = taps
+    shape = [1] * x.ndim
+    shape[axis] = index.shape[0]
+    out = jnp.int32(1 << 21)
+    for i in range(index.shape[1]):  # k is small and static: k gathers, no [.., n_out, k, ..] intermediate
+        out = out + weight[:, i].reshape(shape) * jnp.take(x, index[:, i], axis=axis)
+    return jnp.clip(out >> 22, 0, 255)
 
 
 def pixel_values_from_frames(frames):
@@ -227,9 +258,9 @@ def crop_resize_frames(image, image_hw, bbox, spec: CropSpec):
     patch order, rows from grid_h * grid_w on zero; grid_thw int32[3] = (1, h'/14, w'/14)). A box outside the
     contract (e.g. empty) gives garbage with at most max_patches patches.
 
-    Cost: two dense matmul passes, Hb*Wb*Wc + Hc*Hb*Wc multiply-adds per channel (vertical first:
-    Hc*Hb*Wb + Hc*Wb*Wc); memory ~ (Hc*Hb + Wc*Wb) weights + Hb*Wc*3 + Hc*Wc*3 floats + the output.
-    Under vmap both pass orders are evaluated (lax.cond becomes a select).
+    Cost: two banded passes of k taps, (Hb*Wc*kw + Hc*Wc*kh) multiply-adds per channel (vertical first:
+    Hc*Wb*kh + Hc*Wc*kw); memory ~ Hb*Wb*3 + Hb*Wc*3 + Hc*Wc*3 floats + the output. Under vmap both pass
+    orders are evaluated (lax.cond becomes a select).
     """
     hb, wb = spec.image_height, spec.image_width
     hc, wc = spec.canvas_hw
@@ -243,15 +274,17 @@ def crop_resize_frames(image, image_hw, bbox, spec: CropSpec):
     rh, rw = jnp.where(ok, rh, F), jnp.where(ok, rw, F)
 
     inside = ((jnp.arange(hb) < image_hw[0])[:, None] & (jnp.arange(wb) < image_hw[1])[None, :])
-    img = jnp.where(inside[:, :, None], image.astype(jnp.float32), 0.0)
-    wv = _weights(y0, ch, rh, hc, hb)  # [Hc, Hb]
-    wh = _weights(x0, cw, rw, wc, wb)  # [Wc, Wb]
+    img = jnp.where(inside[:, :, None], image.astype(jnp.int32), 0)
+    kh, kw = spec.taps_hw
+    vertical = _taps(y0, ch, rh, hc, hb, kh)  # [Hc, kh]
+    horizontal = _taps(x0, cw, rw, wc, wb, kw)  # [Wc, kw]
+    rows = lambda x: _pass(vertical, x, 0)  # noqa: E731
+    cols = lambda x: _pass(horizontal, x, 1)  # noqa: E731
     if spec.pillow13_order:
         v_first = (ch - rh > 0) & (ch - rh > 2 * (cw - rw))
-        canvas = jax.lax.cond(v_first, lambda: _pass_cols(wh, _pass_rows(wv, img)),
-                              lambda: _pass_rows(wv, _pass_cols(wh, img)))
+        canvas = jax.lax.cond(v_first, lambda: cols(rows(img)), lambda: rows(cols(img)))
     else:
-        canvas = _pass_rows(wv, _pass_cols(wh, img))  # [Hc, Wc, 3], 0..255, zero outside (rh, rw)
+        canvas = rows(cols(img))  # int32[Hc, Wc, 3], 0..255, zero outside (rh, rw)
 
     # Patch p -> merge window p // 4 (row-major over the (gh/2, gw/2) windows), 2x2 inside it.
     gh, gw = rh // P, rw // P
@@ -262,5 +295,5 @@ def crop_resize_frames(image, image_hw, bbox, spec: CropSpec):
     col = jnp.where(valid, (win % (gw // 2)) * 2 + sub % 2, 0)
     blocks = canvas.reshape(hc // P, P, wc // P, P, 3).transpose(0, 2, 4, 1, 3)  # [Hc/14, Wc/14, 3, 14, 14]
     frames = blocks[row, col].reshape(spec.max_patches, ip.PATCH_VALUES)  # [max_patches, 3 * 14 * 14]
-    frames = jnp.where(valid[:, None], frames, 0.0).astype(jnp.uint8)  # canvas values are integers 0..255
+    frames = jnp.where(valid[:, None], frames, 0).astype(jnp.uint8)
     return frames, jnp.stack([jnp.int32(1), gh, gw])

@@ -82,6 +82,11 @@ class Qwen2_5_VL(nnx.Module):
         """float[N, 1176] patches + int[I, 3] grids -> float[N/4, D] LLM-width image tokens."""
         return self.visual(jnp.asarray(pixel_values), jnp.asarray(image_grid_thw))
 
+    def encode_rows(self, pixel_values: jax.Array, image_grid_thw: jax.Array) -> jax.Array:
+        """Each row's own images: float[B, N, 1176] patches + int[B, I, 3] grids -> float[B, N/4, D]. The rows
+        stay on their devices (`Sharder.vmap_rows`): a row's patches are never split over the mesh."""
+        return self.shard.vmap_rows(self.encode_images)(pixel_values, image_grid_thw)
+
     def logits(self, hidden: jax.Array) -> jax.Array:
         out = self.model.embed_tokens.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
         return self.shard(out, ("activation_batch", "activation_length", "activation_vocab"))
@@ -122,12 +127,9 @@ class Qwen2_5_VL(nnx.Module):
             merge = lambda e, i, f: merge_image_features(e[None], i[None], f, cfg.image_token_id)[0]  # noqa: E731
             embeds = jax.vmap(merge)(embeds, input_ids, image_features)
         kv_valid = write_rows(kv_valid, chunk_valid, start)
-        t, s = input_ids.shape[1], kv_valid.shape[1]
-        slots = start[:, None] + jnp.arange(t)[None, :]
-        mask = kv_valid[:, None, :] & (jnp.arange(s)[None, None, :] <= slots[:, :, None])
         cos, sin = mrope_cos_sin(position_ids, head_dim=cfg.text.head_dim, theta=cfg.text.rope_theta,
                                  mrope_section=cfg.text.mrope_section, dtype=cfg.dtype)
-        hidden, cache = self.model(embeds, cos, sin, mask, cache, start)
+        hidden, cache = self.model(embeds, cos, sin, kv_valid, cache, start)
         return hidden, cache, kv_valid
 
     # ---------------------------------------------------------------- forward

@@ -5,8 +5,8 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from deepeyes_jax.models.flash_attention import causal_attention
-from deepeyes_jax.models.layers import Dense, Embed, GatedMLP, RMSNorm, apply_rope, chunked_attention, remat_call
+from deepeyes_jax.models.flash_attention import cache_attention, causal_attention
+from deepeyes_jax.models.layers import Dense, Embed, GatedMLP, RMSNorm, apply_rope, remat_call
 from deepeyes_jax.models.qwen2_5_vl.config import TextConfig
 from deepeyes_jax.sharding import Sharder
 
@@ -30,7 +30,8 @@ class Attention(nnx.Module):
 
         Without a cache (training, teacher forcing), mask is valid bool[B, T]: slot i sees valid slots j <= i,
         through the O(T)-memory causal flash attention. With cache = (k, v) float[B, S, KV, hd], the new
-        keys/values are written at slots start int32[B] + [0, T) and mask is bool[B, T, S].
+        keys/values are written at slots start int32[B] + [0, T) and mask is the filled slots bool[B, S]
+        (this chunk's included): slot start + i sees the filled slots up to its own.
         """
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, -1, self.head_dim)
@@ -43,7 +44,7 @@ class Attention(nnx.Module):
         else:
             k, v = write_rows(cache[0], k, start), write_rows(cache[1], v, start)
             cache = (k, v)
-            out = chunked_attention(q, k, v, mask, self.chunk)
+            out = cache_attention(q, k, v, mask, start, block=self.chunk)
         return self.o_proj(out.reshape(b, t, -1)), cache
 
 
@@ -80,7 +81,7 @@ class TextModel(nnx.Module):
     def __call__(self, x, cos, sin, mask, cache=None, start=None):
         """x float[B, T, D] input embeddings -> (final hidden states float[B, T, D], cache).
 
-        mask: valid bool[B, T] without a cache, bool[B, T, S] with one (see `Attention`).
+        mask: valid bool[B, T] without a cache, the filled slots bool[B, S] with one (see `Attention`).
         cache: None, or one (k, v) float[B, S, KV, hd] per layer, written at slots start int32[B] + [0, T).
         """
         x = self.shard(x, _HIDDEN)
