@@ -28,7 +28,7 @@ from deepeyes_jax.rl.trajectory_forward import trajectory_logprobs
 from deepeyes_jax.rollout import config as rc
 from deepeyes_jax.rollout import tools
 from deepeyes_jax.rollout.inputs import RolloutBatch
-from deepeyes_jax.rollout.sampler import Trajectories, rollout_program
+from deepeyes_jax.rollout.sampler import rollout_program, rows_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,18 +91,6 @@ def optimizer(config: OptimConfig) -> optax.GradientTransformation:
                           b1=config.b1, b2=config.b2)
 
 
-def _rows_of(tree, i, n: int):
-    """Part i of n interleaved parts of every array's rows (`sharding.take_rows`; position_ids keep rows on their
-    axis 1): each micro-batch has the same rows on every device, and only it is copied."""
-    def go(x):
-        if isinstance(x, Trajectories):
-            return x._replace(**{f: shd.take_rows(getattr(x, f), i, n, 1 if f == "position_ids" else 0)
-                                 for f in x._fields})
-        return shd.take_rows(x, i, n)
-
-    return jax.tree.map(go, tree, is_leaf=lambda x: isinstance(x, Trajectories))
-
-
 def rollout_and_score(graphdef, cfg: TrainConfig, templates, params, batch: TrainBatch, rng, table):
     traj = rollout_program(graphdef, cfg.rollout, templates, params, batch.rollout, rng, table)
     p = batch.rollout.prompt_ids.shape[1]
@@ -141,7 +129,8 @@ def _update(graphdef, cfg: TrainConfig, tx, params, opt_state, traj, score, box,
         full_mask = shd.take_rows(traj.loss_mask, m, n_mini)[:, 1:]
 
         def micro(grads, u):
-            part = _rows_of((traj, adv), m + n_mini * u, n_mini * n_micro)
+            i, n = m + n_mini * u, n_mini * n_micro  # the same rows of each micro-batch on every device
+            part = (rows_of(traj, i, n), shd.take_rows(adv, i, n))
             weight = grpo.micro_batch_weight(part[0].loss_mask[:, 1:], full_mask, cfg.grpo.loss_agg_mode)
             (loss, pairs), g = jax.value_and_grad(loss_fn, has_aux=True)(params, *part)
             grads = jax.tree.map(lambda a, b: a + weight * b, grads, g)

@@ -20,8 +20,8 @@ from deepeyes_jax.rollout.zoom import pixel_values_from_frames
 
 def packed_patches(traj: Trajectories, merge_unit: int) -> tuple[jax.Array, jax.Array]:
     """-> (pixel_values float[B, P, 1176], grids int32[B, 1 + K, 3]): each row's prompt image and used crops,
-    back to back (unused crop slots get grid 0). P = min(N0 + K * Pc, merge_unit * S); rows past a row's
-    images repeat its last patch (finite, never read)."""
+    back to back (unused crop slots get grid 0). P = min(N0 + K * Pc, merge_unit * S); the patches past a
+    row's images hold finite values from its buffers, never read."""
     b, k, pc = traj.crop_frames.shape[:3]
     n0 = traj.prompt_pixel_values.shape[1]
     size = min(n0 + k * pc, merge_unit * traj.tokens.shape[1])

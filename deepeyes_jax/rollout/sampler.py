@@ -117,6 +117,11 @@ def _row_axis(name: str) -> int:
     return 1 if name in ("positions", "position_ids") else 0  # [3, B, S]
 
 
+def rows_of(tree, i, n: int):
+    """Part i of n interleaved parts of a batch or Trajectories (`sharding.take_rows` on each field's row axis)."""
+    return tree._replace(**{f: shd.take_rows(getattr(tree, f), i, n, _row_axis(f)) for f in tree._fields})
+
+
 def _along_rows(model, tree):
     """Constrain every array of a NamedTuple along its row axis (`activation_batch`): per-row state such as the
     crop buffers must never be replicated on every device (0.46 GiB per row at DeepEyes' crop budget)."""
@@ -149,15 +154,12 @@ def rollout_program(graphdef, cfg: rc.RolloutConfig, tpl: rc.Templates, params, 
     if b % n:
         raise ValueError(f"batch of {b} rows does not split into rollout.row_chunks={n} chunks")
 
-    def rows_of(tree, c):  # chunk c: rows c, c + n, ... (positions keep rows on axis 1)
-        return tree._replace(**{f: shd.take_rows(getattr(tree, f), c, n, _row_axis(f)) for f in tree._fields})
-
     def chunk(c, out):
-        traj = _rollout_rows(model, cfg, tpl, rows_of(batch, c), jax.random.fold_in(rng, c), table)
+        traj = _rollout_rows(model, cfg, tpl, rows_of(batch, c, n), jax.random.fold_in(rng, c), table)
         return out._replace(**{f: shd.put_rows(getattr(out, f), getattr(traj, f), c, n, _row_axis(f))
                                for f in out._fields})
 
-    one = jax.eval_shape(lambda: _rollout_rows(model, cfg, tpl, rows_of(batch, 0), rng, table))
+    one = jax.eval_shape(lambda: _rollout_rows(model, cfg, tpl, rows_of(batch, 0, n), rng, table))
     out = Trajectories(**{f: jnp.zeros(_grow(getattr(one, f).shape, _row_axis(f), n), getattr(one, f).dtype)
                           for f in one._fields})
     return _along_rows(model, jax.lax.fori_loop(0, n, chunk, _along_rows(model, out)))
