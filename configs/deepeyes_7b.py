@@ -13,8 +13,9 @@ Every value is the recipe's unless marked otherwise:
 Choices of ours (no recipe value): micro_batches 64 (1 row per chip per micro-batch on 64 chips; verl's
 ppo_micro_batch_size_per_gpu 4 works on dynamic lengths, our rows are static 28,672-token buffers with their
 images packed up to 114,688 patches), rollout.row_chunks 16 (4 rows per chip in flight: a row's bf16 KV cache is
-2.3 GB), the original-image buffer 3072 x 3072 (a record with a larger image is skipped and counted), evaluation
-every 16 steps when eval.data_dir is set (DeepEyes evaluated offline).
+2.3 GB), the update's decoder attention through the Pallas splash kernel (TPU; interpret mode on a CPU), layers
+scanned in teacher-forced passes (compile time), the original-image buffer 3072 x 3072 (a record with a larger
+image is skipped and counted), evaluation every 16 steps when eval.data_dir is set (DeepEyes evaluated offline).
 The mesh puts every chip on the fsdp axis (parameters, optimizer state and rows sharded over all of them),
 so the config runs unchanged on any slice (v5p-128 = 64 chips, 4x4x4) and on the CPU.
 """
@@ -48,7 +49,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.export_hf = True
 
     c.model = section(ModelSpec(preset="7b", param_dtype="float32", compute_dtype="bfloat16", remat=True,
-                                kv_cache_dtype="bfloat16"))
+                                kv_cache_dtype="bfloat16", attention_impl="splash", scan_layers=True))
     c.data = section(DataConfig(seed=1, prompt_len=8192, num_patches=4 * 8192, min_pixels=FETCH_IMAGE_MIN,
                                 max_pixels=FETCH_IMAGE_MAX, answer_bytes=256))
     c.rollout = section(RolloutConfig(

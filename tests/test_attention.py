@@ -143,3 +143,26 @@ def test_flash_backward_memory_is_linear_in_length():
     dense_scores = 4 * 4096 * 4096 * 4
     assert large < dense_scores / 20, (large, dense_scores)
     assert large < 2.5 * small, (small, large)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 1)])
+def test_splash_attention_equals_flash_on_the_mesh(heads, kv_heads):
+    """`attention_impl="splash"`: the Pallas TPU kernel (interpret mode here) in shard_map over the 8-device mesh
+    (rows over data x fsdp, heads over tensor; one KV head cannot split, so whole heads stay per device) vs the
+    JAX flash path, value and d(q, k, v) over valid query rows (ragged length, left and right padding),
+    atol 1e-5."""
+    from deepeyes_jax.models import splash_attention
+    from deepeyes_jax.sharding import Sharder, make_mesh
+
+    rng = np.random.default_rng(8)
+    b, t = 4, 200
+    q = rng.normal(size=(b, t, heads, 16)).astype(np.float32)
+    k, v = (rng.normal(size=(b, t, kv_heads, 16)).astype(np.float32) for _ in range(2))
+    valid = np.ones((b, t), bool)
+    valid[1, :7], valid[2, 150:] = False, False
+    weight = valid[:, :, None, None] * rng.normal(size=q.shape).astype(np.float32)
+    shard = Sharder(make_mesh((2, 2, 2)))
+    splash = jax.jit(lambda a, b_, c: _grads(
+        lambda *x: splash_attention.causal_attention(*x, valid, block=128, shard=shard), a, b_, c, weight))
+    _assert_same(splash(q, k, v), _grads(lambda *x: causal_attention(*x, valid, block=64), q, k, v, weight),
+                 atol=1e-5)

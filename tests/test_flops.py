@@ -45,3 +45,19 @@ def test_an_undeclared_while_loop_is_an_error_not_an_undercount():
 
     with pytest.raises(ValueError, match="no declared trip count"):
         program_flops(f, X, W)
+
+
+@pytest.mark.parametrize("mesh", [False, True])
+def test_splash_kernel_counts_its_visited_grid_like_the_flash_loops(mesh):
+    """The splash kernel's forward (a pallas_call, in shard_map on the mesh) counts its block dots over the share
+    of the grid its causal mask visits: the same matmuls as the flash path's declared key-block visits."""
+    from deepeyes_jax.models import flash_attention, splash_attention
+    from deepeyes_jax.sharding import Sharder, make_mesh
+
+    q = jax.ShapeDtypeStruct((4, 512, 4, 16), jnp.float32)
+    kv = jax.ShapeDtypeStruct((4, 512, 2, 16), jnp.float32)
+    valid = jnp.ones((4, 512), bool)
+    shard = Sharder(make_mesh((2, 2, 2)) if mesh else None)
+    splash = program_flops(lambda *a: splash_attention.causal_attention(*a, valid, block=128, shard=shard), q, kv, kv)
+    flash = program_flops(lambda *a: flash_attention.causal_attention(*a, valid, block=128), q, kv, kv)
+    assert splash == flash == 2 * (2 * 4 * 4 * 512 * 512 * 16) * (4 + 1) / (2 * 4)

@@ -5,6 +5,8 @@ window-major vs per-window softmax); observed differences are ~1e-6 of the logit
 scale, the bound below is 1e-4 of it.
 """
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -29,11 +31,11 @@ def assert_close(ref, got, tol=TOL, where=None):
     assert err <= tol * scale, f"max abs diff {err:.3g} > {tol} * scale {scale:.3g}"
 
 
-def load_pair(tmp_path_factory, **cfg_kw):
+def load_pair(tmp_path_factory, runtime=None, **cfg_kw):
     hf = H.hf_model(H.hf_config(**cfg_kw))
     path = tmp_path_factory.mktemp("ckpt")
     hf.save_pretrained(path)
-    return hf, q.from_pretrained(str(path))
+    return hf, q.from_pretrained(str(path), **(runtime or {}))
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +66,8 @@ def test_logits_match_transformers(pair, case):
 
 
 VARIANTS = {
+    "splash_attention": dict(runtime=dict(attention_impl="splash")),  # the Pallas kernel, interpret mode here
+    "scanned_layers": dict(runtime=dict(scan_layers=True, remat=True), depth=4, fullatt=(2, 3), layers=3),
     "fullatt_first_and_last": dict(fullatt=(0, 2)),
     "no_full_attention": dict(fullatt=()),
     "all_full_attention": dict(fullatt=(0, 1, 2)),
@@ -81,6 +85,39 @@ def test_config_variants_match_transformers(tmp_path_factory, variant):
     ids, mask, pv, grid = H.make_inputs(np.random.default_rng(7), segs)
     assert_close(H.hf_logits(hf, ids, mask, pv, grid),
                  jit_forward(ours)(ids, mask, pv, grid), where=mask.astype(bool))
+
+
+def test_scanned_layers_have_the_unrolled_gradients_and_a_depth_free_program(tmp_path_factory):
+    """`scan_layers`: every parameter's gradient equals the unrolled model's (fp32, atol 1e-5 of the largest),
+    and the compiled program holds one layer: its dot count does not grow from 2 to 6 decoder layers (it
+    does unrolled)."""
+    from flax import nnx
+
+    from deepeyes_jax.testing.factory import tiny_model
+
+    hf = H.hf_model(H.hf_config(depth=4, fullatt=(2, 3), layers=3))
+    path = tmp_path_factory.mktemp("ckpt")
+    hf.save_pretrained(path)
+    ids, mask, pv, grid = H.make_inputs(np.random.default_rng(3), [[3, (1, 4, 6), 4], [2, (1, 8, 4), 1]])
+
+    def grads(**runtime):
+        model = q.from_pretrained(str(path), **runtime)
+        loss = lambda m: jnp.sum(jnp.sin(m(ids, attention_mask=mask, pixel_values=pv, image_grid_thw=grid)))  # noqa: E731
+        return {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.grad(loss)(model))}
+
+    want, got = grads(), grads(scan_layers=True, remat=True)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert_close(want[k], got[k], tol=1e-5, where=None)
+
+    def dots(layers, scan):
+        model = tiny_model(layers=layers, scan_layers=scan)
+        graphdef, state = nnx.split(model)
+        x = jnp.zeros((2, 16), jnp.int32)
+        f = lambda s: jnp.sum(nnx.merge(graphdef, s)(x))  # noqa: E731
+        return jax.jit(jax.grad(f)).lower(state).as_text().count("dot_general")
+
+    assert dots(2, True) == dots(6, True) < dots(6, False)
 
 
 def test_eager_module_call_matches_transformers(pair):

@@ -115,6 +115,24 @@ def remat_call(module: nnx.Module, *args, **static):
     return jax.checkpoint(lambda s, *a: nnx.merge(graphdef, s)(*a, **static))(state, *args)
 
 
+def scan_call(modules: Sequence[nnx.Module], x: jax.Array, *args, remat: bool, **static) -> jax.Array:
+    """x through modules[0], ..., modules[-1] (each maps x, *args -> x, or a tuple led by x) as ONE `lax.scan`
+    over their stacked parameters: the program holds one copy of the layer, so compile time stops growing with
+    depth. The stack is a copy of these weights inside the program (gradients flow back through it); `remat`
+    recomputes each layer in the backward pass. The modules must share one structure (graphdef)."""
+    graphdef, first = nnx.split(modules[0])
+    states = [first] + [nnx.split(m)[1] for m in modules[1:]]
+    if any(nnx.graphdef(m) != graphdef for m in modules[1:]):
+        raise ValueError("scan_call needs modules of one structure")
+    stacked = jax.tree.map(lambda *v: jnp.stack(v), *states)
+
+    def layer(x, state):
+        out = nnx.merge(graphdef, state)(x, *args, **static)
+        return out[0] if isinstance(out, tuple) else out, None
+
+    return jax.lax.scan(jax.checkpoint(layer) if remat else layer, x, stacked)[0]
+
+
 def rotate_half(x: jax.Array) -> jax.Array:
     x1, x2 = jnp.split(x, 2, axis=-1)
     return jnp.concatenate([-x2, x1], axis=-1)

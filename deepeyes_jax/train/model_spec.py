@@ -32,6 +32,8 @@ class ModelSpec:
     tokenizer: a tokenizer directory (default: the checkpoint's).
     param_dtype: master weights (fp32 for training); compute_dtype: matmul dtype (bf16 on TPU).
     remat: recompute decoder layers and vision blocks in the backward pass. attention_chunk: block of text attention.
+    attention_impl: the decoder's training attention, "flash" (JAX) or "splash" (Pallas TPU kernel).
+    scan_layers: teacher-forced passes scan the layers (compile time independent of depth).
     kv_cache_dtype: the rollout's KV cache ("": the compute dtype).
     axis_rules: logical axis -> mesh axes (`sharding.DEFAULT_AXIS_RULES`)."""
 
@@ -42,12 +44,15 @@ class ModelSpec:
     compute_dtype: str = "float32"
     remat: bool = False
     attention_chunk: int = 512
+    attention_impl: str = "flash"
+    scan_layers: bool = False
     kv_cache_dtype: str = ""
     axis_rules: AxisRules = DEFAULT_AXIS_RULES
 
     def runtime(self) -> dict:
         return dict(param_dtype=jnp.dtype(self.param_dtype), dtype=jnp.dtype(self.compute_dtype), remat=self.remat,
-                    attention_chunk=self.attention_chunk,
+                    attention_chunk=self.attention_chunk, attention_impl=self.attention_impl,
+                    scan_layers=self.scan_layers,
                     kv_cache_dtype=jnp.dtype(self.kv_cache_dtype) if self.kv_cache_dtype else None, axis_rules=tuple(map(tuple, self.axis_rules)))
 
 

@@ -127,7 +127,8 @@ def load_or_train(directory: str, *, model_config, vocab_size: int, source, budg
         c = model_config
         with jax.transfer_guard("allow"):
             model = from_pretrained(directory, mesh=mesh, dtype=c.param_dtype, compute_dtype=c.dtype,
-                                    axis_rules=c.axis_rules, remat=c.remat, attention_chunk=c.attention_chunk)
+                                    axis_rules=c.axis_rules, remat=c.remat, attention_chunk=c.attention_chunk,
+                                    attention_impl=c.attention_impl, scan_layers=c.scan_layers)
         with open(done) as f:
             report = json.load(f)
         logging.info("base model loaded from %s", directory)

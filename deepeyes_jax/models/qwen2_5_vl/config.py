@@ -12,6 +12,9 @@ import jax.numpy as jnp
 from deepeyes_jax.sharding import DEFAULT_AXIS_RULES, AxisRules
 
 
+ATTENTION_IMPLS = ("flash", "splash")
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
     depth: int = 32
@@ -83,6 +86,12 @@ class ModelConfig:
     axis_rules: AxisRules = DEFAULT_AXIS_RULES
     remat: bool = False  # recompute decoder layers and vision blocks in the backward pass, not store activations
     attention_chunk: int = 512  # text attention runs in query / key blocks of this many rows (memory ~ chunk * T)
+    # The decoder's training attention: "flash" (blocked JAX, any backend) or "splash" (the Pallas TPU kernel;
+    # interpret mode elsewhere). The rollout's KV-cache attention is the JAX path either way.
+    attention_impl: str = "flash"
+    # Teacher-forced passes run the decoder layers (and each run of same-attention vision blocks) as one lax.scan
+    # over stacked weights: compile time independent of depth. The rollout's cached decoding stays unrolled.
+    scan_layers: bool = False
     kv_cache_dtype: Any = None  # the rollout's KV cache (None: the compute dtype); bf16 halves it under fp32
 
     def __post_init__(self):
@@ -100,6 +109,8 @@ class ModelConfig:
             raise ValueError(f"vision out_hidden_size {v.out_hidden_size} != text hidden_size {t.hidden_size}")
         if v.window_size % (v.spatial_merge_size * v.patch_size):
             raise ValueError(f"window_size {v.window_size} must be a multiple of merge*patch")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
         bad = [i for i in v.fullatt_block_indexes if not 0 <= i < v.depth]
         if bad:
             raise ValueError(f"fullatt_block_indexes {bad} outside the {v.depth} vision blocks")

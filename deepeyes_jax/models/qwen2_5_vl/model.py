@@ -36,9 +36,9 @@ class Qwen2_5_VL(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, mesh: jax.sharding.Mesh | None = None):
         kw = dict(rngs=rngs, param_dtype=config.param_dtype, dtype=config.dtype)
         self.shard = Sharder(mesh, config.axis_rules)
-        self.visual = VisionTower(config.vision, shard=self.shard, remat=config.remat, **kw)
-        self.model = TextModel(config.text, shard=self.shard, remat=config.remat,
-                               attention_chunk=config.attention_chunk, **kw)
+        self.visual = VisionTower(config.vision, shard=self.shard, remat=config.remat, scan=config.scan_layers, **kw)
+        self.model = TextModel(config.text, shard=self.shard, remat=config.remat, scan=config.scan_layers,
+                               attention_chunk=config.attention_chunk, attention_impl=config.attention_impl, **kw)
         self.lm_head = (None if config.tie_word_embeddings else
                         Dense(config.text.hidden_size, config.text.vocab_size, logical_axes=("embed", "vocab"),
                               use_bias=False, **kw))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from deepeyes_jax.models import splash_attention
 from deepeyes_jax.models.flash_attention import cache_attention, causal_attention
-from deepeyes_jax.models.layers import Dense, Embed, GatedMLP, RMSNorm, apply_rope, remat_call
+from deepeyes_jax.models.layers import Dense, Embed, GatedMLP, RMSNorm, apply_rope, remat_call, scan_call
 from deepeyes_jax.models.qwen2_5_vl.config import TextConfig
 from deepeyes_jax.sharding import Sharder
 
@@ -14,9 +15,10 @@ _HIDDEN = ("activation_batch", "activation_length", "activation_embed")
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, rngs, param_dtype, dtype, shard: Sharder, chunk: int = 512):
+    def __init__(self, cfg: TextConfig, *, rngs, param_dtype, dtype, shard: Sharder, chunk: int = 512,
+                 impl: str = "flash"):
         d, hd = cfg.hidden_size, cfg.head_dim
-        self.chunk = chunk
+        self.chunk, self.impl = chunk, impl
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         self.q_proj = Dense(d, cfg.num_attention_heads * hd, logical_axes=("embed", "heads"), use_bias=True, **kw)
         self.k_proj = Dense(d, cfg.num_key_value_heads * hd, logical_axes=("embed", "kv_heads"), use_bias=True, **kw)
@@ -29,8 +31,8 @@ class Attention(nnx.Module):
         """x float[B, T, D], cos/sin float[B, T, hd] -> (float[B, T, D], cache).
 
         Without a cache (training, teacher forcing), mask is valid bool[B, T]: slot i sees valid slots j <= i,
-        through the O(T)-memory causal flash attention. With cache = (k, v) float[B, S, KV, hd], the new
-        keys/values are written at slots start int32[B] + [0, T) and mask is the filled slots bool[B, S]
+        through the O(T)-memory causal flash attention (`impl="splash"`: the Pallas kernel). With cache = (k, v)
+        float[B, S, KV, hd], the new keys/values are written at slots start int32[B] + [0, T) and mask is the filled slots bool[B, S]
         (this chunk's included): slot start + i sees the filled slots up to its own.
         """
         b, t, _ = x.shape
@@ -39,7 +41,9 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(b, t, -1, self.head_dim)
         q = self.shard(apply_rope(q, cos, sin), ("activation_batch", "activation_length", "activation_heads", None))
         k = self.shard(apply_rope(k, cos, sin), ("activation_batch", "activation_length", "activation_kv_heads", None))
-        if cache is None:
+        if cache is None and self.impl == "splash":
+            out = splash_attention.causal_attention(q, k, v, mask, block=self.chunk, shard=self.shard)
+        elif cache is None:
             out = causal_attention(q, k, v, mask, block=self.chunk)
         else:
             k, v = write_rows(cache[0], k, start), write_rows(cache[1], v, start)
@@ -49,10 +53,11 @@ class Attention(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, rngs, param_dtype, dtype, shard: Sharder, chunk: int = 512):
+    def __init__(self, cfg: TextConfig, *, rngs, param_dtype, dtype, shard: Sharder, chunk: int = 512,
+                 impl: str = "flash"):
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
-        self.self_attn = Attention(cfg, shard=shard, chunk=chunk, **kw)
+        self.self_attn = Attention(cfg, shard=shard, chunk=chunk, impl=impl, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, act=cfg.hidden_act, use_bias=False,
                             shard=shard, **kw)
@@ -69,11 +74,11 @@ class TextModel(nnx.Module):
     """Embeddings, decoder layers and the final norm (the Hub's `model.*` tensors)."""
 
     def __init__(self, cfg: TextConfig, *, rngs, param_dtype, dtype, shard: Sharder, remat: bool = False,
-                 attention_chunk: int = 512):
+                 attention_chunk: int = 512, attention_impl: str = "flash", scan: bool = False):
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
-        self.remat = remat
+        self.remat, self.scan = remat, scan
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, **kw)
-        self.layers = nnx.List([DecoderLayer(cfg, shard=shard, chunk=attention_chunk, **kw)
+        self.layers = nnx.List([DecoderLayer(cfg, shard=shard, chunk=attention_chunk, impl=attention_impl, **kw)
                                 for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
         self.shard = shard
@@ -83,8 +88,12 @@ class TextModel(nnx.Module):
 
         mask: valid bool[B, T] without a cache, the filled slots bool[B, S] with one (see `Attention`).
         cache: None, or one (k, v) float[B, S, KV, hd] per layer, written at slots start int32[B] + [0, T).
+        With `scan` and no cache (teacher-forced passes) the layers run as one scan; with a cache they stay
+        unrolled, each layer's cache updated in place.
         """
         x = self.shard(x, _HIDDEN)
+        if self.scan and cache is None:
+            return self.norm(scan_call(self.layers, x, cos, sin, mask, remat=self.remat)), None
         new_cache = []
         for i, layer in enumerate(self.layers):
             args = (x, cos, sin, mask, None if cache is None else cache[i], start)

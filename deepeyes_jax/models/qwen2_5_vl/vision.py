@@ -20,7 +20,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deepeyes_jax.models.flash_attention import segment_attention
-from deepeyes_jax.models.layers import Dense, GatedMLP, RMSNorm, activation, apply_rope, masked_attention, remat_call
+from deepeyes_jax.models.layers import (Dense, GatedMLP, RMSNorm, activation, apply_rope, masked_attention, remat_call,
+                                        scan_call)
 from deepeyes_jax.models.qwen2_5_vl.config import VisionConfig
 from deepeyes_jax.models.qwen2_5_vl.rope import vision_cos_sin
 from deepeyes_jax.sharding import Sharder
@@ -156,8 +157,9 @@ class PatchMerger(nnx.Module):
 class VisionTower(nnx.Module):
     FULL_ATTENTION_BLOCK = 256  # patches per query / key block of the full-attention layers
 
-    def __init__(self, cfg: VisionConfig, *, rngs, param_dtype, dtype, shard: Sharder, remat: bool = False):
-        self.remat = remat
+    def __init__(self, cfg: VisionConfig, *, rngs, param_dtype, dtype, shard: Sharder, remat: bool = False,
+                 scan: bool = False):
+        self.remat, self.scan = remat, scan
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         self.patch_embed = Dense(cfg.patch_dim, cfg.hidden_size, logical_axes=("patch", "embed"), use_bias=False,
                                  **kw)
@@ -186,8 +188,19 @@ class VisionTower(nnx.Module):
         def full_attend(q, k, v):
             return segment_attention(q, k, v, lay.frame_seg, block=self.FULL_ATTENTION_BLOCK)
 
-        for i, blk in enumerate(self.blocks):
-            attend = full_attend if i in cfg.fullatt_block_indexes else window_attend
-            x = remat_call(blk, x, cos, sin, attend=attend) if self.remat else blk(x, cos, sin, attend)
+        if self.scan:  # one scan per run of blocks with the same attention (7B: 8 runs of 32 blocks)
+            for start, stop in _runs([i in cfg.fullatt_block_indexes for i in range(cfg.depth)]):
+                attend = full_attend if start in cfg.fullatt_block_indexes else window_attend
+                x = scan_call(self.blocks[start:stop], x, cos, sin, remat=self.remat, attend=attend)
+        else:
+            for i, blk in enumerate(self.blocks):
+                attend = full_attend if i in cfg.fullatt_block_indexes else window_attend
+                x = remat_call(blk, x, cos, sin, attend=attend) if self.remat else blk(x, cos, sin, attend)
         merged = self.merger(x)
         return jnp.zeros_like(merged).at[lay.order].set(merged)
+
+
+def _runs(flags: list[bool]) -> list[tuple[int, int]]:
+    """[start, stop) of each run of equal flags."""
+    edges = [0] + [i for i in range(1, len(flags)) if flags[i] != flags[i - 1]] + [len(flags)]
+    return list(zip(edges[:-1], edges[1:]))
