@@ -120,9 +120,9 @@ def scan_call(modules: Sequence[nnx.Module], x: jax.Array, *args, remat: bool, *
     over their stacked parameters: the program holds one copy of the layer, so compile time stops growing with
     depth. The stack is a copy of these weights inside the program (gradients flow back through it); `remat`
     recomputes each layer in the backward pass. The modules must share one structure (graphdef)."""
-    graphdef, first = nnx.split(modules[0])
-    states = [first] + [nnx.split(m)[1] for m in modules[1:]]
-    if any(nnx.graphdef(m) != graphdef for m in modules[1:]):
+    graphdefs, states = zip(*(nnx.split(m) for m in modules))
+    graphdef = graphdefs[0]
+    if any(g != graphdef for g in graphdefs[1:]):
         raise ValueError("scan_call needs modules of one structure")
     stacked = jax.tree.map(lambda *v: jnp.stack(v), *states)
 

@@ -124,11 +124,10 @@ def load_or_train(directory: str, *, model_config, vocab_size: int, source, budg
         multihost_utils.sync_global_devices("vstar_mini_base_model_check")
     if os.path.exists(done):
         tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
-        c = model_config
+        runtime = model_config.runtime()
         with jax.transfer_guard("allow"):
-            model = from_pretrained(directory, mesh=mesh, dtype=c.param_dtype, compute_dtype=c.dtype,
-                                    axis_rules=c.axis_rules, remat=c.remat, attention_chunk=c.attention_chunk,
-                                    attention_impl=c.attention_impl, scan_layers=c.scan_layers)
+            model = from_pretrained(directory, mesh=mesh, dtype=runtime.pop("param_dtype"),
+                                    compute_dtype=runtime.pop("dtype"), **runtime)
         with open(done) as f:
             report = json.load(f)
         logging.info("base model loaded from %s", directory)

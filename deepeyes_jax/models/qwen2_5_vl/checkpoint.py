@@ -102,7 +102,7 @@ def from_pretrained(path: str, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | N
 
     Each tensor is memory-mapped and every device reads only its own shard of it, so the
     model is never materialised on the host, let alone twice. `runtime`: other runtime fields of
-    `ModelConfig` (remat, attention_chunk, attention_impl).
+    `ModelConfig` (`ModelConfig.runtime()`).
     """
     runtime = dict(runtime, param_dtype=dtype, dtype=compute_dtype or dtype)
     if axis_rules is not None:

@@ -13,6 +13,8 @@ from deepeyes_jax.sharding import DEFAULT_AXIS_RULES, AxisRules
 
 
 ATTENTION_IMPLS = ("flash", "splash")
+RUNTIME_FIELDS = ("param_dtype", "dtype", "axis_rules", "remat", "attention_chunk", "attention_impl", "scan_layers",
+                  "kv_cache_dtype")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +119,10 @@ class ModelConfig:
 
     def replace(self, **kw) -> ModelConfig:
         return dataclasses.replace(self, **kw)
+
+    def runtime(self) -> dict[str, Any]:
+        """The runtime fields (not part of the checkpoint), e.g. to load a checkpoint with the same ones."""
+        return {f: getattr(self, f) for f in RUNTIME_FIELDS}
 
     # ------------------------------------------------------------------ HF I/O
 

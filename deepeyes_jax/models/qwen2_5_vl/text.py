@@ -32,8 +32,8 @@ class Attention(nnx.Module):
 
         Without a cache (training, teacher forcing), mask is valid bool[B, T]: slot i sees valid slots j <= i,
         through the O(T)-memory causal flash attention (`impl="splash"`: the Pallas kernel). With cache = (k, v)
-        float[B, S, KV, hd], the new keys/values are written at slots start int32[B] + [0, T) and mask is the filled slots bool[B, S]
-        (this chunk's included): slot start + i sees the filled slots up to its own.
+        float[B, S, KV, hd], the new keys/values are written at slots start int32[B] + [0, T) and mask is the
+        filled slots bool[B, S] (this chunk's included): slot start + i sees the filled slots up to its own.
         """
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, -1, self.head_dim)
