@@ -28,7 +28,10 @@ RTOL, ATOL = 1e-5, 1e-6
 
 def _env(devices: int = 8):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    # 8 fake devices share 2 cores: a device thread can reach a collective over 40 s (XLA's default) after the
+    # others, and XLA then aborts the run (seen as SIGABRT under load).
+    env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
+                        "--xla_cpu_collective_call_terminate_timeout_seconds=600")
     return env
 
 
