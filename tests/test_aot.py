@@ -64,8 +64,8 @@ def test_launch_aot_reports_every_program_and_a_summary(tiny_v5p):
 def test_decode_loops_never_all_gather_a_weight(tiny_v5p):
     """Under FSDP the rollout gathers each weight once (`Qwen2_5_VL.for_decoding`), not once per decoded token:
     the program gathers weights, but no all-gather inside the compiled turn / decode loops produces a weight's
-    shape. (Measured: without it, 47 of the loops' 58 all-gathers were weights; the other 11 were activations,
-    gone since rows are encoded on their own devices.)"""
+    shape, per layer or stacked (the config scans its layers). (Measured: without it, 47 of the loops' 58
+    all-gathers were weights; the other 11 were activations, gone since rows are encoded on their own devices.)"""
     from deepeyes_jax.testing import qwen_tokenizer
     from deepeyes_jax.train.model_spec import ModelSpec
 
@@ -73,6 +73,7 @@ def test_decode_loops_never_all_gather_a_weight(tiny_v5p):
     mesh = aot.topology_mesh("v5p:2x2x1", (1, -1, 1))
     _, _, params = aot.abstract_model(ModelSpec(preset="tiny"), qwen_tokenizer.build(), mesh)
     weights = {tuple(x.shape) for x in jax.tree.leaves(params) if len(x.shape) >= 2}
+    weights |= {(n, *w) for w in weights for n in range(2, 65)}  # stacked for a scan over layers (`scan_layers`)
 
     def gathered(text):
         return [tuple(int(d) for d in m.group(1).split(",") if d)

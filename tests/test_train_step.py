@@ -35,12 +35,17 @@ def _batch(setup, answer=b"A"):
                       box=np.zeros((b, 4), np.float32), has_box=np.zeros(b, bool))
 
 
-def _train_step(setup, model, lr=2e-3, tx=None, **actor):
+# The default step of these tests (one compiled program shared through the persistent cache): a k3 KL term to a
+# frozen reference, as in verl's GRPO recipes.
+KL = GRPOConfig(group_size=GROUP, kl_coef=0.1, kl_type="k3")
+
+
+def _train_step(setup, model, lr=2e-3, tx=None, grpo=KL, **actor):
     # The step donates its parameters; train a copy so the shared fixture model stays usable.
     graphdef, state = nnx.split(model)
     model = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
-    config = TrainConfig(rollout=setup.rollout_config(temperature=1.0, max_turns=2),
-                         grpo=GRPOConfig(group_size=GROUP), actor=ActorConfig(**actor))
+    config = TrainConfig(rollout=setup.rollout_config(temperature=1.0, max_turns=2), grpo=grpo,
+                         actor=ActorConfig(**actor))
     tx = make_optimizer(lr, max_grad_norm=1.0) if tx is None else tx
     return make_train_step(model, tx, config, setup.templates, setup.table)
 
@@ -56,19 +61,23 @@ def _p_answer_a(setup, model):
     return 1 / (1 + np.exp(lb - la))
 
 
-def test_probability_of_the_rewarded_answer_rises(bandit):
+def test_probability_of_the_rewarded_answer_rises_and_moves_away_from_the_reference(bandit):
     setup, model = bandit
     graphdef = nnx.split(model)[0]
     p0 = _p_answer_a(setup, model)
     assert 0.2 < p0 < 0.8, p0
     step, params, opt_state = _train_step(setup, model)
+    assert step.ref_params is not None
     batch = _batch(setup)
-    accuracy = []
+    accuracy, kl = [], []
     for i in range(4):
         params, opt_state, metrics, _, _ = step(params, opt_state, batch, jax.random.key(i))
         accuracy.append(float(metrics["accuracy"]))
+        kl.append(float(metrics["kl"]))
     p1 = _p_answer_a(setup, nnx.merge(graphdef, params))
     assert p1 > p0 + 0.2, (p0, p1, accuracy)
+    # The first step evaluates the frozen reference itself (KL 0 up to float noise); then the policy moves away.
+    assert abs(kl[0]) < 1e-5 and kl[-1] > 1e-4, kl
 
 
 def test_loss_equals_numpy_recomputation_and_compiles_once(bandit):
@@ -82,14 +91,13 @@ def test_loss_equals_numpy_recomputation_and_compiles_once(bandit):
     want_adv = (r - r.mean(1, keepdims=True)) / (r.std(1, ddof=1, keepdims=True) + 1e-6)
     np.testing.assert_allclose(np.asarray(rows["advantage"]), want_adv.reshape(-1), atol=1e-5)
     assert 0 < float(np.mean(np.asarray(rows["acc"]))) < 1
-    # First step: the policy is the sampling policy, ratio = 1 up to ~1e-5, nothing is clipped, so
-    # the token-mean loss is -sum(A * tokens) / sum(tokens).
+    # First step: the policy is the sampling policy and the reference, ratio = 1 up to ~1e-5, nothing is
+    # clipped, the KL term ~0, so the token-mean loss is -sum(A * tokens) / sum(tokens).
     tokens = np.asarray(traj.loss_mask).sum(1)
     want = -(np.asarray(rows["advantage"]) * tokens).sum() / tokens.sum()
     assert abs(float(metrics["loss"]) - want) < 1e-3
     assert float(metrics["pg_clipfrac"]) == 0.0
 
-    assert step.ref_params is None  # no reference model without a KL term
     hlo = step.jitted.lower(params, opt_state, batch, jax.random.key(0), setup.table, None).as_text()
     assert "callback" not in hlo.lower()
     step(params, opt_state, batch, jax.random.key(4))
@@ -109,7 +117,8 @@ def test_micro_batching_and_remat_give_the_exact_update(bandit):
     batch = _batch(setup)
     out = {}
     for micro, m in ((1, model), (4, rematted)):
-        step, params, opt_state = _train_step(setup, m, tx=optax.sgd(1.0), micro_batches=micro, logprob_chunk=64)
+        step, params, opt_state = _train_step(setup, m, tx=optax.sgd(1.0), grpo=GRPOConfig(group_size=GROUP),
+                                              micro_batches=micro, logprob_chunk=64)
         if m is rematted:
             jaxpr = str(jax.make_jaxpr(step.jitted)(params, opt_state, batch, jax.random.key(7), setup.table, None))
             assert "remat" in jaxpr
@@ -122,29 +131,15 @@ def test_micro_batching_and_remat_give_the_exact_update(bandit):
 
 def test_several_updates_per_rollout_batch(bandit):
     setup, model = bandit
-    step, params, opt_state = _train_step(setup, model, mini_batches=2, micro_batches=2)
+    step, params, opt_state = _train_step(setup, model, grpo=GRPOConfig(group_size=GROUP), mini_batches=2,
+                                          micro_batches=2)
+    assert step.ref_params is None  # no reference model without a KL term
     params, opt_state, metrics, _, _ = step(params, opt_state, _batch(setup), jax.random.key(1))
     counts = [np.asarray(x) for x in jax.tree.leaves(opt_state) if np.asarray(x).dtype == np.int32]
     assert counts and all(int(c) == 2 for c in counts)  # adam's step count: two updates happened
     assert np.isfinite(float(metrics["loss"]))
     with pytest.raises(ValueError, match="must divide into groups of 8 and into 2 mini x 2 micro"):
         step(params, opt_state, _batch(setup)._replace(answer=np.zeros((6, 8), np.uint8)), jax.random.key(1))
-
-
-def test_kl_to_a_frozen_reference(bandit):
-    setup, model = bandit
-    grpo_cfg = GRPOConfig(group_size=GROUP, kl_coef=0.1, kl_type="k3")
-    config = TrainConfig(rollout=setup.rollout_config(temperature=1.0, max_turns=2), grpo=grpo_cfg)
-    graphdef, state = nnx.split(model)
-    fresh = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
-    step, params, opt_state = make_train_step(fresh, make_optimizer(5e-3), config, setup.templates, setup.table)
-    assert step.ref_params is not None
-    kl = []
-    for i in range(3):
-        params, opt_state, metrics, _, _ = step(params, opt_state, _batch(setup), jax.random.key(i))
-        kl.append(float(metrics["kl"]))
-    # The first step evaluates the reference itself (KL 0 up to float noise); then the policy moves away.
-    assert abs(kl[0]) < 1e-5 and kl[2] > 1e-4, kl
 
 
 @pytest.fixture(scope="module")

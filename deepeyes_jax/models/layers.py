@@ -115,22 +115,51 @@ def remat_call(module: nnx.Module, *args, **static):
     return jax.checkpoint(lambda s, *a: nnx.merge(graphdef, s)(*a, **static))(state, *args)
 
 
-def scan_call(modules: Sequence[nnx.Module], x: jax.Array, *args, remat: bool, **static) -> jax.Array:
-    """x through modules[0], ..., modules[-1] (each maps x, *args -> x, or a tuple led by x) as ONE `lax.scan`
-    over their stacked parameters: the program holds one copy of the layer, so compile time stops growing with
-    depth. The stack is a copy of these weights inside the program (gradients flow back through it); `remat`
-    recomputes each layer in the backward pass. The modules must share one structure (graphdef)."""
-    graphdefs, states = zip(*(nnx.split(m) for m in modules))
-    graphdef = graphdefs[0]
-    if any(g != graphdef for g in graphdefs[1:]):
-        raise ValueError("scan_call needs modules of one structure")
-    stacked = jax.tree.map(lambda *v: jnp.stack(v), *states)
+class LayerStack(nnx.Module):
+    """Modules of one structure as one: their parameters stacked along a new leading layer axis float[L, ...], run
+    as ONE `lax.scan`, so the program holds one copy of the layer and compile time stops growing with depth.
 
-    def layer(x, state):
-        out = nnx.merge(graphdef, state)(x, *args, **static)
-        return out[0] if isinstance(out, tuple) else out, None
+    Built inside the traced program from the per-layer modules (checkpoints keep their per-layer Hub names;
+    gradients flow back through the stack). `shard` (a Sharder) lays each stacked parameter out as its layer's
+    `logical_axes`, the layer axis whole.
+    """
 
-    return jax.lax.scan(jax.checkpoint(layer) if remat else layer, x, stacked)[0]
+    def __init__(self, modules: Sequence[nnx.Module], shard=None):
+        graphdefs, states = zip(*(nnx.split(m) for m in modules))
+        if any(g != graphdefs[0] for g in graphdefs[1:]):
+            raise ValueError("LayerStack needs modules of one structure")
+
+        def stack(*variables):
+            value, meta = jnp.stack([v.get_value() for v in variables]), variables[0].get_metadata()
+            if "logical_axes" not in meta:
+                return variables[0].replace(value)
+            axes = (None, *meta["logical_axes"])
+            return variables[0].replace(value if shard is None else shard(value, axes), logical_axes=axes)
+
+        self.graphdef = graphdefs[0]
+        self.depth = len(modules)
+        self.params = nnx.data(jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+    def __call__(self, x: jax.Array, *args, remat: bool = False, cache=None, **static):
+        """x through layers 0, ..., L-1, each mapping (x, *args, **static) -> x or a tuple led by x; `remat`
+        recomputes each layer in the backward pass. `static` (callables, flags, closed-over arrays) is not scanned.
+
+        With `cache` (a pytree of per-layer buffers stacked as [L, ...]), layer i is called with cache=cache,
+        layer=i and returns (x, cache): the buffers are carried through the scan and updated in place, never
+        copied per layer. -> x, or (x, cache).
+        """
+        if cache is None:
+            def layer(x, state):
+                out = nnx.merge(self.graphdef, state)(x, *args, **static)
+                return out[0] if isinstance(out, tuple) else out, None
+
+            return jax.lax.scan(jax.checkpoint(layer) if remat else layer, x, self.params)[0]
+
+        def cached_layer(carry, xs):
+            (x, cache), (state, i) = carry, xs
+            return nnx.merge(self.graphdef, state)(x, *args, cache=cache, layer=i, **static), None
+
+        return jax.lax.scan(cached_layer, (x, cache), (self.params, jnp.arange(self.depth)))[0]
 
 
 def rotate_half(x: jax.Array) -> jax.Array:

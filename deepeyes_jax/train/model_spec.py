@@ -33,7 +33,7 @@ class ModelSpec:
     param_dtype: master weights (fp32 for training); compute_dtype: matmul dtype (bf16 on TPU).
     remat: recompute decoder layers and vision blocks in the backward pass. attention_chunk: block of text attention.
     attention_impl: the decoder's training attention, "flash" (JAX) or "splash" (Pallas TPU kernel).
-    scan_layers: teacher-forced passes scan the layers (compile time independent of depth).
+    scan_layers: the layers run as one scan, in training and in the rollout (compile time independent of depth).
     kv_cache_dtype: the rollout's KV cache ("": the compute dtype).
     axis_rules: logical axis -> mesh axes (`sharding.DEFAULT_AXIS_RULES`)."""
 

@@ -61,7 +61,8 @@ class Qwen2_5_VL(nnx.Module):
     def for_decoding(self) -> Qwen2_5_VL:
         """This model with its weights cast to the compute dtype and, on a mesh, gathered over `fsdp` (still split
         over `tensor`), inside the traced program: the rollout pays one all-gather per weight instead of one per
-        weight per decoded token (FSDP's per-layer gather inside the decode loop)."""
+        weight per decoded token (FSDP's per-layer gather inside the decode loop). With `scan_layers` its decoder
+        layers are one prebuilt `LayerStack` (a decoding-only model: it cannot be saved as a checkpoint)."""
         graphdef, state = nnx.split(self)
         dtype = jnp.dtype(self.config.dtype)
         gathered = Sharder(self.shard.mesh, without_fsdp_on_parameters(self.config.axis_rules))
@@ -74,7 +75,10 @@ class Qwen2_5_VL(nnx.Module):
                 value = gathered(value, var.get_metadata()["logical_axes"])
             return var.replace(value)
 
-        return nnx.merge(graphdef, jax.tree.map(lay, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+        decoding = nnx.merge(graphdef, jax.tree.map(lay, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+        if self.config.scan_layers:  # stacked once here, not in every decode step's scan
+            decoding.model.layers = decoding.model.layer_stack(gathered if self.shard.mesh is not None else None)
+        return decoding
 
     # ---------------------------------------------------------------- pieces
 
@@ -102,16 +106,19 @@ class Qwen2_5_VL(nnx.Module):
     # ---------------------------------------------------------------- decoding with a KV cache
 
     def init_cache(self, batch: int, length: int):
-        """Empty KV cache: per layer (k, v) float[B, S, KV, hd] in `kv_cache_dtype` (default: the compute dtype).
-
-        Separate arrays per layer (not one stacked array) so each step updates them in place.
+        """Empty KV cache in `kv_cache_dtype` (default: the compute dtype): per layer (k, v) float[B, S, KV, hd]
+        (each updated in place by its unrolled layer); with `scan_layers` one (k, v) float[L, B, S, KV, hd], carried
+        through the scan over layers and updated in place.
         """
         t = self.config.text
         shape = (batch, length, t.num_key_value_heads, t.head_dim)
         axes = ("activation_batch", "activation_length", "activation_kv_heads", None)
         dtype = self.config.kv_cache_dtype or self.config.dtype
+        if self.config.scan_layers:
+            shape, axes = (t.num_hidden_layers, *shape), (None, *axes)
         zeros = lambda: self.shard(jnp.zeros(shape, dtype), axes)  # noqa: E731
-        return tuple((zeros(), zeros()) for _ in range(t.num_hidden_layers))
+        return (zeros(), zeros()) if self.config.scan_layers else tuple(
+            (zeros(), zeros()) for _ in range(t.num_hidden_layers))
 
     def decode_chunk(self, input_ids, chunk_valid, position_ids, cache, kv_valid, start, image_features=None):
         """Append T tokens per row to the cache and return their final hidden states.

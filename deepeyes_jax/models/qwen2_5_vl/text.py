@@ -7,7 +7,7 @@ from flax import nnx
 
 from deepeyes_jax.models import splash_attention
 from deepeyes_jax.models.flash_attention import cache_attention, causal_attention
-from deepeyes_jax.models.layers import Dense, Embed, GatedMLP, RMSNorm, apply_rope, remat_call, scan_call
+from deepeyes_jax.models.layers import Dense, Embed, GatedMLP, LayerStack, RMSNorm, apply_rope, remat_call
 from deepeyes_jax.models.qwen2_5_vl.config import TextConfig
 from deepeyes_jax.sharding import Sharder
 
@@ -27,13 +27,15 @@ class Attention(nnx.Module):
         self.head_dim = hd
         self.shard = shard
 
-    def __call__(self, x, cos, sin, mask, cache=None, start=None):
+    def __call__(self, x, cos, sin, mask, cache=None, start=None, layer=None):
         """x float[B, T, D], cos/sin float[B, T, hd] -> (float[B, T, D], cache).
 
         Without a cache (training, teacher forcing), mask is valid bool[B, T]: slot i sees valid slots j <= i,
         through the O(T)-memory causal flash attention (`impl="splash"`: the Pallas kernel). With cache = (k, v)
         float[B, S, KV, hd], the new keys/values are written at slots start int32[B] + [0, T) and mask is the
         filled slots bool[B, S] (this chunk's included): slot start + i sees the filled slots up to its own.
+        With `layer` (int32[], inside a scan over layers) the cache is every layer's, float[L, B, S, KV, hd], and
+        this layer owns slice `layer`.
         """
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, -1, self.head_dim)
@@ -46,8 +48,8 @@ class Attention(nnx.Module):
         elif cache is None:
             out = causal_attention(q, k, v, mask, block=self.chunk)
         else:
-            k, v = write_rows(cache[0], k, start), write_rows(cache[1], v, start)
-            cache = (k, v)
+            cache = (write_rows(cache[0], k, start, layer), write_rows(cache[1], v, start, layer))
+            k, v = cache if layer is None else (jax.lax.dynamic_index_in_dim(c, layer, keepdims=False) for c in cache)
             out = cache_attention(q, k, v, mask, start, block=self.chunk)
         return self.o_proj(out.reshape(b, t, -1)), cache
 
@@ -63,8 +65,8 @@ class DecoderLayer(nnx.Module):
                             shard=shard, **kw)
         self.shard = shard
 
-    def __call__(self, x, cos, sin, mask, cache=None, start=None):
-        h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+    def __call__(self, x, cos, sin, mask, cache=None, start=None, layer=None):
+        h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start, layer)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x), ("activation_batch", "activation_length", "activation_mlp"))
         return self.shard(x, _HIDDEN), cache
@@ -87,13 +89,17 @@ class TextModel(nnx.Module):
         """x float[B, T, D] input embeddings -> (final hidden states float[B, T, D], cache).
 
         mask: valid bool[B, T] without a cache, the filled slots bool[B, S] with one (see `Attention`).
-        cache: None, or one (k, v) float[B, S, KV, hd] per layer, written at slots start int32[B] + [0, T).
-        With `scan` and no cache (teacher-forced passes) the layers run as one scan; with a cache they stay
-        unrolled, each layer's cache updated in place.
+        cache: None, or the KV cache written at slots start int32[B] + [0, T): unrolled, one (k, v)
+        float[B, S, KV, hd] per layer; with `scan`, one (k, v) float[L, B, S, KV, hd] carried through the scan.
+        With `scan` the layers run as one scan over `layer_stack()` (a decoding model holds it prebuilt).
         """
         x = self.shard(x, _HIDDEN)
-        if self.scan and cache is None:
-            return self.norm(scan_call(self.layers, x, cos, sin, mask, remat=self.remat)), None
+        if self.scan:
+            stack = self.layers if isinstance(self.layers, LayerStack) else self.layer_stack()
+            if cache is None:
+                return self.norm(stack(x, cos, sin, mask, remat=self.remat)), None
+            x, cache = stack(x, cos, sin, mask, cache=cache, start=start)
+            return self.norm(x), cache
         new_cache = []
         for i, layer in enumerate(self.layers):
             args = (x, cos, sin, mask, None if cache is None else cache[i], start)
@@ -101,11 +107,20 @@ class TextModel(nnx.Module):
             new_cache.append(layer_cache)
         return self.norm(x), None if cache is None else tuple(new_cache)
 
+    def layer_stack(self, shard=None) -> LayerStack:
+        """The decoder layers' parameters stacked float[L, ...] (laid out by `shard`, a Sharder, if given)."""
+        return LayerStack(self.layers, shard)
 
-def write_rows(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """Write new float[B, T, ...] into buffer float[B, S, ...] at per-row slots start int32[B] + [0, T).
+
+def write_rows(buffer: jax.Array, new: jax.Array, start: jax.Array, layer=None) -> jax.Array:
+    """Write new float[B, T, ...] into buffer float[B, S, ...] at per-row slots start int32[B] + [0, T); with
+    `layer` (int32[]) into slice `layer` of buffer float[L, B, S, ...] (one scatter, in place in a loop carry).
 
     The caller keeps S >= start + T (dynamic_update_slice would otherwise clamp the start).
     """
-    return jax.vmap(lambda b, n, s: jax.lax.dynamic_update_slice_in_dim(b, n.astype(b.dtype), s, axis=0))(
-        buffer, new, start)
+    if layer is None:
+        return jax.vmap(lambda b, n, s: jax.lax.dynamic_update_slice_in_dim(b, n.astype(b.dtype), s, axis=0))(
+            buffer, new, start)
+    at = lambda s: (layer, s) + (0,) * (buffer.ndim - 3)  # noqa: E731
+    return jax.vmap(lambda b, n, s: jax.lax.dynamic_update_slice(b, n[None].astype(b.dtype), at(s)),
+                    in_axes=(1, 0, 0), out_axes=1)(buffer, new, start)

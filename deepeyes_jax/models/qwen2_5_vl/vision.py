@@ -20,8 +20,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deepeyes_jax.models.flash_attention import segment_attention
-from deepeyes_jax.models.layers import (Dense, GatedMLP, RMSNorm, activation, apply_rope, masked_attention, remat_call,
-                                        scan_call)
+from deepeyes_jax.models.layers import (Dense, GatedMLP, LayerStack, RMSNorm, activation, apply_rope, masked_attention,
+                                        remat_call)
 from deepeyes_jax.models.qwen2_5_vl.config import VisionConfig
 from deepeyes_jax.models.qwen2_5_vl.rope import vision_cos_sin
 from deepeyes_jax.sharding import Sharder
@@ -191,7 +191,7 @@ class VisionTower(nnx.Module):
         if self.scan:  # one scan per run of blocks with the same attention (7B: 8 runs of 32 blocks)
             for start, stop in _runs([i in cfg.fullatt_block_indexes for i in range(cfg.depth)]):
                 attend = full_attend if start in cfg.fullatt_block_indexes else window_attend
-                x = scan_call(self.blocks[start:stop], x, cos, sin, remat=self.remat, attend=attend)
+                x = LayerStack(self.blocks[start:stop])(x, cos, sin, remat=self.remat, attend=attend)
         else:
             for i, blk in enumerate(self.blocks):
                 attend = full_attend if i in cfg.fullatt_block_indexes else window_attend
