@@ -119,7 +119,7 @@ def test_bad_tensors_are_named(saved, edit, message):
 def test_truncated_file_is_reported(saved):
     f = saved / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-1000])
-    with pytest.raises(ValueError, match="truncated"):
+    with pytest.raises(CheckpointError, match="truncated"):
         q.from_pretrained(str(saved))
 
 

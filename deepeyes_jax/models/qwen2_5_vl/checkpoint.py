@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 
 from deepeyes_jax.models.qwen2_5_vl.config import ModelConfig
 from deepeyes_jax.models.qwen2_5_vl.model import Qwen2_5_VL
-from deepeyes_jax.models.safetensors_io import SafetensorsFile, write_file
+from deepeyes_jax.models.safetensors_io import FLOAT_DTYPES, CheckpointError, SafetensorsFile, strict_json, write_file
 from deepeyes_jax.sharding import Sharder
 
 _RENAMES = {
@@ -63,16 +63,40 @@ def to_hf(path: tuple, w: np.ndarray, config: ModelConfig) -> np.ndarray:
     return w.reshape(shape)
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not match the model: names every offending tensor."""
+def _shard_path(path: str, fn, index: str) -> str:
+    """The shard file an index entry names: a plain relative path inside the checkpoint directory (no absolute
+    path, no `..`, no drive or NUL), else a `CheckpointError`. (Symlinked files are followed: the Hugging Face
+    cache links snapshot files to its blob store.)"""
+    if not isinstance(fn, str) or not fn or "\0" in fn or "\\" in fn or os.path.isabs(fn) or ":" in fn:
+        raise CheckpointError(f"{index}: shard file name {fn!r} is not a relative path inside {path}")
+    parts = fn.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise CheckpointError(f"{index}: shard file name {fn!r} leaves the checkpoint directory {path}")
+    full = os.path.join(path, *parts)
+    if not os.path.isfile(full):
+        raise CheckpointError(f"{index}: shard file {fn!r} does not exist in {path}")
+    return full
+
+
+def _read_index(path: str) -> dict[str, str]:
+    """model.safetensors.index.json -> {tensor name: shard file name}, every field checked."""
+    index = os.path.join(path, _INDEX)
+    with open(index, "rb") as f:
+        data = strict_json(f.read(), index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: no weight_map object")
+    bad = [name for name, fn in weight_map.items() if not isinstance(fn, str)]
+    if bad:
+        raise CheckpointError(f"{index}: weight_map[{bad[0]!r}] = {weight_map[bad[0]]!r} is not a file name")
+    return weight_map
 
 
 def _open_tensors(path: str) -> dict[str, SafetensorsFile]:
     index = os.path.join(path, _INDEX)
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        files = {fn: SafetensorsFile(os.path.join(path, fn)) for fn in sorted(set(weight_map.values()))}
+        weight_map = _read_index(path)
+        files = {fn: SafetensorsFile(_shard_path(path, fn, index)) for fn in sorted(set(weight_map.values()))}
         out = {}
         for name, fn in weight_map.items():
             if name not in files[fn].entries:
@@ -123,7 +147,10 @@ def from_pretrained(path: str, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | N
         used.add(name)
         expected = hf_shape(path_, shape, config)
         if st.shape(stored) != expected:
-            wrong.append(f"{name}: expected {list(expected)}, found {list(st.shape(stored))}")
+            wrong.append(f"shape {name}: expected {list(expected)}, found {list(st.shape(stored))}")
+            continue
+        if st.entries[stored]["dtype"] not in FLOAT_DTYPES:  # would be cast silently
+            wrong.append(f"dtype {name}: {st.entries[stored]['dtype']}, not a floating-point weight")
             continue
         host = to_ours(path_, st.get(stored), shape)
         sharding = (shard.sharding(var.get_metadata()["logical_axes"], shape) if mesh is not None
@@ -133,7 +160,7 @@ def from_pretrained(path: str, *, dtype=jnp.float32, mesh: jax.sharding.Mesh | N
             var.set_value(jax.make_array_from_callback(
                 shape, sharding, lambda idx, h=host: np.asarray(h[idx], dtype=jnp.dtype(dtype))))
     unexpected = sorted(set(tensors) - used - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
-    problems = ([f"missing tensor {n}" for n in missing] + [f"wrong shape {w}" for w in wrong]
+    problems = ([f"missing tensor {n}" for n in missing] + [f"wrong {w}" for w in wrong]
                 + [f"unexpected tensor {n}" for n in unexpected])
     if problems:
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
 import jax.numpy as jnp
 
+from deepeyes_jax.models.safetensors_io import CheckpointError, strict_json
 from deepeyes_jax.sharding import DEFAULT_AXIS_RULES, AxisRules
 
 
@@ -91,8 +93,9 @@ class ModelConfig:
     # The decoder's training attention: "flash" (blocked JAX, any backend) or "splash" (the Pallas TPU kernel;
     # interpret mode elsewhere). The rollout's KV-cache attention is the JAX path either way.
     attention_impl: str = "flash"
-    # Teacher-forced passes run the decoder layers (and each run of same-attention vision blocks) as one lax.scan
-    # over stacked weights: compile time independent of depth. The rollout's cached decoding stays unrolled.
+    # The decoder layers (teacher-forced passes and the rollout's cached decoding, its KV cache stacked [L, ...])
+    # and each run of same-attention vision blocks run as one lax.scan over stacked weights: compile time
+    # independent of depth.
     scan_layers: bool = False
     kv_cache_dtype: Any = None  # the rollout's KV cache (None: the compute dtype); bf16 halves it under fp32
 
@@ -173,6 +176,8 @@ class ModelConfig:
             rope_theta=float(vrope.get("rope_theta", 10000.0)),
             tokens_per_second=vd.get("tokens_per_second", 2),
         )
+        _check_types(text, "text_config")
+        _check_types(vision, "vision_config")
         tie = bool(d.get("tie_word_embeddings", False) or (d.get("text_config") or {}).get("tie_word_embeddings", False))
         return cls(
             text=text,
@@ -188,8 +193,19 @@ class ModelConfig:
 
     @classmethod
     def from_json_file(cls, path: str, **runtime) -> ModelConfig:
-        with open(path) as f:
-            return cls.from_hf_dict(json.load(f), **runtime)
+        """config.json -> ModelConfig; a file that is not a valid Qwen2.5-VL config (bad JSON, a missing field, a
+        field of the wrong type or out of range) is a `CheckpointError` naming the file and the field."""
+        with open(path, "rb") as f:
+            d = strict_json(f.read(), path)
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{path}: a JSON {type(d).__name__}, not an object")
+        try:
+            config = cls.from_hf_dict(d)
+        except KeyError as e:
+            raise CheckpointError(f"{path}: missing field {e.args[0]!r}") from None
+        except (TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        return config.replace(**runtime)  # the runtime fields are the caller's, not the file's
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The nested layout transformers 5 writes (and reads back)."""
@@ -245,6 +261,23 @@ class ModelConfig:
     def save_json(self, directory: str) -> None:
         with open(os.path.join(directory, "config.json"), "w") as f:
             json.dump(self.to_hf_dict(), f, indent=2)
+
+
+def _check_types(cfg, section: str) -> None:
+    """Every field of a Text/VisionConfig read from JSON has its annotated type (ints positive, floats finite and
+    positive, tuples of non-negative ints), so a malformed config.json fails here, naming the field."""
+    for f in dataclasses.fields(cfg):
+        value, kind = getattr(cfg, f.name), str(f.type)
+        if kind == "int":
+            ok = type(value) is int and value > 0
+        elif kind == "float":
+            ok = type(value) in (int, float) and math.isfinite(value) and value > 0
+        elif kind.startswith("tuple"):
+            ok = all(type(x) is int and x >= 0 for x in value)
+        else:
+            ok = isinstance(value, str)
+        if not ok:
+            raise ValueError(f"{section}.{f.name} = {value!r} is not a valid {kind}")
 
 
 def _single_id(value, default: int) -> int:
