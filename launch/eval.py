@@ -18,9 +18,11 @@ greedy through the same compiled rollout as training (batches of `eval.batch` qu
 length limits), avg@k over k option shuffles, accuracy per category and overall (V*: over every question; HR-Bench:
 the mean of single and cross, as DeepEyes), tool-call rate and zooms per question. Writes --out (JSON) and a
 markdown table beside it; the last line printed is {"benchmark", "n", "k", "overall", "per_category",
-"tool_call_rate", "zooms_per_question"}.
+"tool_call_rate", "zooms_per_question"}. With --judge_url every rule-marked-wrong answer goes to the LLM judge
+(the JSON keeps `rule_accuracy` and the judge's counts).
 """
 
+import dataclasses
 import json
 import os
 
@@ -30,6 +32,8 @@ from flax import nnx
 from ml_collections import config_flags
 
 from deepeyes_jax.data import benchmarks
+from deepeyes_jax.eval import evaluator
+from deepeyes_jax.rl.judge import JudgeClient, JudgeConfig
 from deepeyes_jax.rollout import tools
 from deepeyes_jax.rollout.config import make_templates
 from deepeyes_jax.sharding import make_mesh
@@ -46,6 +50,9 @@ flags.DEFINE_enum("benchmark", None, list(benchmarks.BENCHMARKS), "A published b
 flags.DEFINE_string("data", None, "The benchmark's files: the V* Bench folder, or the HR-Bench TSV / parquet.")
 flags.DEFINE_integer("k", 1, "avg@k: the benchmark is run under k seeded option shuffles.")
 flags.DEFINE_integer("seed", 0, "Seed of the option shuffles.")
+flags.DEFINE_string("judge_url", None, "With --benchmark: an OpenAI-compatible LLM judge (e.g. "
+                    "http://127.0.0.1:18901/v1) asked about every answer the rule-based matcher marks wrong, as "
+                    "DeepEyes' judge scripts do; the config's judge section sets the rest.")
 FLAGS = flags.FLAGS
 
 
@@ -97,10 +104,16 @@ def main(argv):
                                    mesh=mesh, rules=rules)
     with jax.transfer_guard("allow"):
         params = nnx.state(model)
-    summary = dict(evaluate(params, batches, trainer.key(cfg.seed + 1, mesh)).summary)
+    result = evaluate(params, batches, trainer.key(cfg.seed + 1, mesh))
+    summary, judged = dict(result.summary), {}
+    if FLAGS.benchmark and FLAGS.judge_url:
+        judge = JudgeClient(dataclasses.replace(build(JudgeConfig, cfg.judge, where="judge"), base_url=FLAGS.judge_url))
+        rows, stats = evaluator.judge_rows(result, source.truth, tokenizer, judge)
+        judged = {"rule_accuracy": summary.get("all/accuracy"), "judge": stats}
+        summary = evaluator.summarize(rows)
     if FLAGS.benchmark:
         report = benchmark_summary(FLAGS.benchmark, summary, FLAGS.k, batches.skipped)
-        summary = dict(report, **summary, data=FLAGS.data, seed=FLAGS.seed, checkpoint=directory)
+        summary = dict(report, **summary, **judged, data=FLAGS.data, seed=FLAGS.seed, checkpoint=directory)
     else:
         summary.update(exp.describe_eval())
     out = FLAGS.out or os.path.join(directory, f"eval_{FLAGS.benchmark}.json" if FLAGS.benchmark else "eval.json")

@@ -103,7 +103,8 @@ def test_held_out_summary_by_category_and_export(run):
 
 def test_benchmark_eval_on_the_export_and_on_a_transformers_checkpoint(run, tmp_path):
     """`launch.eval --benchmark`: V* Bench (folder layout, avg@2) on the run's export (prepare -> train -> export ->
-    eval) and HR-Bench (TSV) on the checkpoint transformers wrote, through the config's compiled evaluation."""
+    eval) and HR-Bench (TSV, with the LLM judge over HTTP on loopback) on the checkpoint transformers wrote, through
+    the config's compiled evaluation."""
     img = lambda h, w, s: deepeyes_parquet.image_bytes(h, w, seed=s, fmt="JPEG")  # noqa: E731
     vstar = benchmark_files.write_vstar(tmp_path / "vstar", [
         dict(category="direct_attributes", question="What colour is the cup?", options=["red", "blue"],
@@ -115,14 +116,19 @@ def test_benchmark_eval_on_the_export_and_on_a_transformers_checkpoint(run, tmp_
     hr = benchmark_files.write_hrbench_tsv(tmp_path / "hr_bench_4k.tsv", [
         dict(question=f"What is shown {i}?", answer="ABCD"[i], A="a", B="b", C="c", D="d",
              category=("single", "cross")[i % 2], image=img(56 + 28 * (i % 2), 84, 10 + i)) for i in range(4)])
-    for checkpoint, name, data, k, n, cats in (
-            (os.path.join(run["workdir"], "export"), "vstar", vstar, 2, 3, ["direct_attributes", "relative_position"]),
-            (run["checkpoint"], "hrbench", hr, 1, 4, ["cross", "single"])):
+    server = _Server()  # HR-Bench with the LLM judge: one that accepts every answer
+    runs = ((os.path.join(run["workdir"], "export"), "vstar", vstar, 2, 3, ["direct_attributes", "relative_position"],
+             []), (run["checkpoint"], "hrbench", hr, 1, 4, ["cross", "single"], [f"--judge_url={server.url('always')}"]))
+    for checkpoint, name, data, k, n, cats, judge in runs:
         out = tmp_path / f"{name}.json"
-        proc = subprocess.run([sys.executable, "-m", "launch.eval", "--config=configs/deepeyes_7b.py",
-                               f"--checkpoint={checkpoint}", f"--benchmark={name}", f"--data={data}", f"--k={k}",
-                               "--seed=3", f"--out={out}", *SMALL], cwd=ROOT, env=dict(os.environ, XLA_FLAGS=""),
-                              capture_output=True, text=True, timeout=900)
+        try:
+            proc = subprocess.run([sys.executable, "-m", "launch.eval", "--config=configs/deepeyes_7b.py",
+                                   f"--checkpoint={checkpoint}", f"--benchmark={name}", f"--data={data}", f"--k={k}",
+                                   "--seed=3", f"--out={out}", *judge, *SMALL], cwd=ROOT,
+                                  env=dict(os.environ, XLA_FLAGS=""), capture_output=True, text=True, timeout=900)
+        finally:
+            if judge:
+                server.close()
         assert proc.returncode == 0, proc.stderr[-5000:]
         last = json.loads(proc.stdout.strip().splitlines()[-1])
         assert set(last) == {"benchmark", "n", "k", "overall", "per_category", "tool_call_rate", "zooms_per_question"}
@@ -133,3 +139,7 @@ def test_benchmark_eval_on_the_export_and_on_a_transformers_checkpoint(run, tmp_
         assert last["overall"] == pytest.approx(want)
         assert 0 <= last["tool_call_rate"] <= 1 and last["zooms_per_question"] >= 0
         assert "| overall |" in open(tmp_path / f"{name}.md").read()
+        if judge:  # every answer the rule marked wrong (and only those) went to the judge, which accepted it
+            asked = sum(1 for mode, _ in server.bodies if mode == "always")
+            assert 0 < asked == round((1 - saved["rule_accuracy"]) * n * k) == saved["judge"]["ok"]
+            assert last["overall"] == 1.0 and all(v == 1.0 for v in last["per_category"].values())

@@ -70,7 +70,9 @@ class _Server:
                 if mode == "nochoices":
                     self._send(200, b'{"choices": []}')
                     return
-                if mode == "letter_a":  # a judge that accepts exactly the answer "A"
+                if mode == "always":  # a judge that accepts every answer
+                    content = "Judgement: 1"
+                elif mode == "letter_a":  # a judge that accepts exactly the answer "A"
                     said = prompt.split("[Model_answer] : ")[-1].rsplit("\nJudgement:", 1)[0].strip()
                     content = "Judgement: 1" if said == "A" else "Judgement: 0"
                 elif "## Student Final Answer\n" in prompt:

@@ -86,19 +86,27 @@ class ShuffledSource:
         rng = np.random.default_rng([self.seed, j, item])
         return rng.permutation(len(self.items[item].options))
 
-    def __getitem__(self, i: int) -> PromptRecord:
+    def _shown(self, i: int) -> tuple[Item, list[str], str]:
+        """(item, its options in shown order, the ground truth "<letter>. <option>") of record i."""
         if not 0 <= i < len(self):
             raise IndexError(i)
-        item = self.items[i % len(self.items)]
-        order = self.order(i)
+        item, order = self.items[i % len(self.items)], self.order(i)
         shown = [item.options[m] for m in order]
         right = int(np.flatnonzero(order == 0)[0])
+        return item, shown, f"{LETTERS[right]}. {shown[right]}"
+
+    def truth(self, i: int) -> tuple[str, str]:
+        """(question, ground truth) of record i, without reading its image (for the LLM judge)."""
+        item, _, truth = self._shown(i)
+        return item.question, truth
+
+    def __getitem__(self, i: int) -> PromptRecord:
+        item, shown, truth = self._shown(i)
         kw = {} if self.max_image_pixels is None else {"max_pixels": self.max_image_pixels}
         return PromptRecord(prompt=eval_prompt(item.question, shown),
                             image=decode_image(item.read_image(), what=f"{item.name} image", **kw),
-                            ground_truth=f"{LETTERS[right]}. {shown[right]}", question=item.question,
-                            data_source=self.data_source, box=item.box, category=item.category,
-                            index=i % len(self.items))
+                            ground_truth=truth, question=item.question, data_source=self.data_source, box=item.box,
+                            category=item.category, index=i % len(self.items))
 
 
 def load(benchmark: str, path: str) -> list[Item]:

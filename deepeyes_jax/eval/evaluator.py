@@ -113,6 +113,39 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
+def final_answer(text: str) -> str:
+    """DeepEyes' benchmark answer: the text between the first <answer> and </answer> of the final response, else
+    the whole response (eval_vstar.py / eval_hrbench.py)."""
+    if "<answer>" in text and "</answer>" in text:
+        return text.split("<answer>")[1].split("</answer>")[0].strip()
+    return text
+
+
+def judge_rows(result: Result, truths, tokenizer, judge) -> tuple[list[dict], dict]:
+    """DeepEyes' benchmark judging: each row the rule-based matcher marked wrong goes to the LLM judge (question,
+    ground truth, the final response's answer) and the verdict becomes its accuracy. truths(index) -> (question,
+    ground truth) of a source index. Every host fetches the same rows (`take_rows` is collective); process 0 asks
+    the judge and broadcasts the verdicts, so every host summarises the same rows. -> (rows, judge stats)."""
+    rows = [dict(r) for r in result.rows]
+    asked = []
+    for k, (traj, _, _) in enumerate(result.outputs):
+        wrong = [r for r in rows if r["batch"] == k and r["acc"] < 0.5]
+        if wrong:
+            host = take_rows(traj, [r["row"] for r in wrong])
+            for i, r in enumerate(wrong):
+                turns = turns_of(host, i, tokenizer)
+                asked.append((r, final_answer(turns[-1]["text"] if turns else "")))
+    verdicts, stats = np.zeros(len(asked), np.float32), {}
+    if jax.process_index() == 0 and asked:
+        scores, stats = judge.judge_batch([(*truths(r["index"]), answer) for r, answer in asked])
+        verdicts[:] = scores
+    if jax.process_count() > 1:
+        verdicts = np.asarray(multihost_utils.broadcast_one_to_all(verdicts))
+    for (r, _), v in zip(asked, verdicts):
+        r["acc"] = float(v)
+    return rows, stats
+
+
 # ----------------------------------------------------------------------------------- renderings
 
 
