@@ -18,7 +18,6 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -28,6 +27,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from benchmarks.host_loop import hf_generate, hf_model, hf_zoom  # noqa: E402
 from benchmarks.timing import median_seconds  # noqa: E402
 from deepeyes_jax.testing import scripted  # noqa: E402
 
@@ -81,38 +81,19 @@ def _ours(model_path, tok, batch, rollout_config, templates, repeats=3):
     return seconds, int(traj.response_length.sum()), int(traj.num_zooms.sum())
 
 
-def _hf_model(path):
-    import torch
-    import transformers
-    torch.set_num_threads(os.cpu_count())
-    model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(path).eval()
-    model.generation_config.eos_token_id = None
-    return model
-
-
-def _hf_generate(model, ids, mask, pixels, grids, image_token_id, **kw):
-    import torch
-    with torch.no_grad():
-        return model.generate(
-            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-            pixel_values=torch.from_numpy(pixels), image_grid_thw=torch.from_numpy(grids),
-            mm_token_type_ids=torch.from_numpy((ids == image_token_id).astype(np.int64)), pad_token_id=0, **kw,
-        ).numpy()[:, ids.shape[1]:]
-
-
 def _hf_decode(path, batch, image_token_id, sample, repeats=3):
     import torch
-    model = _hf_model(path)
+    model = hf_model(path)
     ids = batch.prompt_ids.astype(np.int64)
     pixels = np.concatenate([pv[:int(np.prod(g))] for pv, g in zip(batch.pixel_values, batch.image_grid_thw)])
     grids = batch.image_grid_thw.astype(np.int64)
     kw = dict(max_new_tokens=FLAGS.new_tokens, min_new_tokens=FLAGS.new_tokens, do_sample=sample,
               temperature=1.0 if sample else None, top_p=None, top_k=None)
-    _hf_generate(model, ids, np.ones_like(ids), pixels, grids, image_token_id, **kw)  # warm up
+    hf_generate(model, ids, np.ones_like(ids), pixels, grids, image_token_id, **kw)  # warm up
 
     def generate(i):
         torch.manual_seed(i)
-        return _hf_generate(model, ids, np.ones_like(ids), pixels, grids, image_token_id, **kw)
+        return hf_generate(model, ids, np.ones_like(ids), pixels, grids, image_token_id, **kw)
 
     seconds, out = median_seconds(generate, repeats)
     return seconds, int(out.size), 0
@@ -129,59 +110,6 @@ def _zoom_setup(workdir):
     return setup, path, setup.make_batch([r % len(scripted.SCRIPTS) for r in range(FLAGS.batch)])
 
 
-def _hf_zoom(setup, path, batch):
-    """DeepEyes' agent loop on the host: per turn generate, decode, json-parse, PIL crop, re-prefill."""
-    import PIL.Image
-    from transformers import Qwen2VLImageProcessorPil
-
-    from deepeyes_jax.rollout import tools
-    from deepeyes_jax.testing.deepeyes_parse import reference
-    model = _hf_model(path)
-    processor = Qwen2VLImageProcessorPil(min_pixels=scripted.CROP_MIN, max_pixels=scripted.CROP_MAX)
-    tok, tpl, cfg = setup.tokenizer, setup.templates, setup.config
-    b = len(batch.prompt_ids)
-    t = time.perf_counter()
-    seqs = [batch.prompt_ids[r][batch.prompt_mask[r].astype(bool)].tolist() for r in range(b)]
-    images = [[batch.pixel_values[r][:int(np.prod(batch.image_grid_thw[r]))]] for r in range(b)]
-    grids = [[batch.image_grid_thw[r]] for r in range(b)]
-    active, sampled, zooms = list(range(b)), 0, 0
-    h, w = scripted.IMAGE_HW
-    for turn in range(4):
-        if not active:
-            break
-        length = max(len(seqs[r]) for r in active)
-        ids = np.zeros((len(active), length), np.int64)
-        mask = np.zeros_like(ids)
-        for i, r in enumerate(active):
-            ids[i, length - len(seqs[r]):], mask[i, length - len(seqs[r]):] = seqs[r], 1
-        out = _hf_generate(model, ids, mask, np.concatenate([p for r in active for p in images[r]]),
-                           np.stack([g for r in active for g in grids[r]]).astype(np.int64), cfg.image_token_id,
-                           max_new_tokens=64, do_sample=False, eos_token_id=tpl.im_end)
-        still = []
-        for i, r in enumerate(active):
-            new = out[i].tolist()
-            new = new[:new.index(tpl.im_end) + 1] if tpl.im_end in new else new
-            sampled += len(new)
-            seqs[r] += new
-            result = reference(tok.decode(new, skip_special_tokens=False), w, h)
-            if turn == 3 or result["status"] in ("answer", "none") or new[-1] != tpl.im_end:
-                continue
-            if result["status"] == "zoom":
-                crop = PIL.Image.fromarray(setup.images[r % len(scripted.SCRIPTS)]).crop(
-                    tuple(round(v) for v in result["bbox"]))
-                proc = processor(images=[crop], return_tensors="np")
-                images[r].append(proc["pixel_values"].astype(np.float32))
-                grids[r].append(proc["image_grid_thw"][0])
-                n = int(proc["image_grid_thw"][0].prod()) // 4
-                seqs[r] += list(tpl.zoom_prefix) + [tpl.image_pad] * n + list(tpl.zoom_suffix)
-                zooms += 1
-            else:
-                seqs[r] += list(tpl.errors[{n: k for k, n in tools.ERROR_NAMES.items()}[result["error"]]])
-            still.append(r)
-        active = still
-    return time.perf_counter() - t, sampled, zooms
-
-
 def child(side, workdir):
     from deepeyes_jax.rollout.config import RolloutConfig, make_templates
     from deepeyes_jax.rollout.zoom import CropSpec
@@ -189,8 +117,8 @@ def child(side, workdir):
         setup, path, batch = _zoom_setup(workdir)
         if side == "ours_zoom":
             return _ours(path, setup.tokenizer, batch, setup.rollout_config(), setup.templates)
-        _hf_zoom(setup, path, batch)  # warm up
-        return _hf_zoom(setup, path, batch)
+        hf_zoom(setup, path, batch)  # warm up
+        return hf_zoom(setup, path, batch)
     tok, path, batch = _decode_setup(workdir)
     sample = side.endswith("sampled")
     if side.startswith("hf"):
