@@ -72,7 +72,7 @@ def run(tmp_path_factory):
     finally:
         server.close()
     assert proc.returncode == 0, proc.stderr[-5000:]
-    return dict(workdir=str(root / "run"), server=server, stderr=proc.stderr, checkpoint=checkpoint)
+    return dict(workdir=str(root / "run"), server=server, stderr=proc.stderr, checkpoint=checkpoint, train=train)
 
 
 def test_two_judged_steps_on_prepared_data(run):
@@ -143,3 +143,18 @@ def test_benchmark_eval_on_the_export_and_on_a_transformers_checkpoint(run, tmp_
             asked = sum(1 for mode, _ in server.bodies if mode == "always")
             assert 0 < asked == round((1 - saved["rule_accuracy"]) * n * k) == saved["judge"]["ok"]
             assert last["overall"] == 1.0 and all(v == 1.0 for v in last["per_category"].values())
+
+
+def test_select_data_accounts_for_every_question(run, tmp_path):
+    """`launch.select_data` on the prepared training set with the random checkpoint, 2 samples per question: the
+    record whose image exceeds the run's buffer is `unusable`, and a random model answers none of the others right
+    (`none_right`), so nothing is kept and the command fails with its report as the last line."""
+    proc = subprocess.run([sys.executable, "-m", "launch.select_data", "--config=configs/deepeyes_7b.py",
+                           f"--checkpoint={run['checkpoint']}", f"--data={run['train']}", f"--out_dir={tmp_path / 'sel'}",
+                           "--k=2", *SMALL], cwd=ROOT, env=dict(os.environ, XLA_FLAGS=""), capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode != 0 and "no question was kept" in proc.stderr, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (report["questions"], report["kept"], report["k"]) == (4, 0, 2)
+    assert report["dropped"] == {"unusable": 1, "none_right": 3}
+    assert report["by_source"] == {"chart": {"none_right": 1}, "unusable": {"unusable": 1}, "vstar": {"none_right": 2}}

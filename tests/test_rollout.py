@@ -225,6 +225,37 @@ def test_row_chunks_give_the_same_greedy_trajectories(fitted, greedy):
             params, batch, jax.random.key(0))
 
 
+def test_a_forced_first_turn_is_executed_and_the_model_continues(fitted, greedy):
+    """RolloutBatch.first_turn (data selection's ground-truth zoom): row 0 forced to its own scripted first turn
+    gives the greedy fixture's trajectory (tokens exact) with the forced tokens out of the loss mask; row 1 (script
+    2, which answers at once) forced to open with row 0's first zoom call has that call executed like a sampled one
+    (status, box, crop), then goes on decoding."""
+    setup, model = fitted
+    ids, loss, _, want_grids = setup.trajectory(0)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], loss.astype(np.int8), [0]])))
+    first = ids[edges[0]:edges[1]]  # row 0's first assistant turn, <|im_end|> included
+    assert first[-1] == setup.templates.im_end
+    forced = np.full((2, 64), -1, np.int32)
+    forced[:, :len(first)] = first
+    batch = setup.make_batch([0, 2])._replace(first_turn=forced)
+    rollout, params = make_rollout(model, setup.rollout_config(), setup.templates, setup.table)
+    traj = jax.tree.map(np.asarray, rollout(params, batch, jax.random.key(0)))
+    got_ids, got_loss = _row(traj, 0)
+    np.testing.assert_array_equal(got_ids, ids)
+    want_loss = loss.copy()
+    want_loss[edges[0]:edges[1]] = False
+    np.testing.assert_array_equal(got_loss, want_loss)
+    np.testing.assert_array_equal(traj.turn_bbox[0], np.asarray(greedy[2].turn_bbox)[0])
+    p = int(batch.prompt_mask[1].sum())
+    ids1, loss1 = _row(traj, 1)
+    np.testing.assert_array_equal(ids1[p:p + len(first)], first)
+    assert not loss1[p:p + len(first)].any() and loss1[p + len(first):].any()  # then the model decodes
+    assert traj.turn_status[1, 0] == tools.STATUS_ZOOM and traj.num_zooms[1] >= 1
+    np.testing.assert_array_equal(traj.turn_bbox[1, 0], traj.turn_bbox[0, 0])
+    np.testing.assert_array_equal(traj.crop_grid_thw[1, 0], want_grids[1])
+    assert (traj.response_length == traj.loss_mask.sum(1)).all()
+
+
 def test_bbox_frame_scales():
     from deepeyes_jax.rollout.sampler import bbox_scale
     hw = np.array([[1000, 2000], [168, 224]])

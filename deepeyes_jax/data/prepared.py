@@ -11,6 +11,7 @@ it. `open_split` accepts the dataset directory (the one holding dataset_info.jso
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -122,6 +123,12 @@ class Source:
             ground_truth=r["ground_truth"].decode(), question=r["question"].decode(),
             data_source=r["data_source"].decode(), category=r["category"].decode(),
             box=tuple(float(v) for v in r["box"]) if bool(r["has_box"]) else None, index=int(r["index"]))
+
+
+    def encoded(self, i: int) -> dict:
+        """Record i for `write` with its image still the stored bytes (copying a subset re-encodes nothing)."""
+        record = self[i]
+        return dict(dataclasses.asdict(record), image=bytes(self._ds[i]["image"]))
 
 
 def open_split(directory: str, split: str, **kw) -> Source:

@@ -63,10 +63,13 @@ def _program(graphdef, cfg: TrainConfig, templates, params, batch, rng, table):
 
 
 class Evaluator:
-    def __init__(self, model, config: TrainConfig, templates, table, *, mesh, rules):
-        greedy = dataclasses.replace(config, rollout=dataclasses.replace(config.rollout, temperature=0.0))
+    """greedy=False samples at the config's temperature (data selection's k samples per question)."""
+
+    def __init__(self, model, config: TrainConfig, templates, table, *, mesh, rules, greedy: bool = True):
+        if greedy:
+            config = dataclasses.replace(config, rollout=dataclasses.replace(config.rollout, temperature=0.0))
         self.mesh, self.rules, self.table = mesh, rules, table
-        self.jitted = jax.jit(functools.partial(_program, nnx.graphdef(model), greedy, templates))
+        self.jitted = jax.jit(functools.partial(_program, nnx.graphdef(model), config, templates))
 
     def __call__(self, params, batches, rng, *, num_batches: int | None = None) -> Result:
         n = batches.num_batches if num_batches is None else min(num_batches, batches.num_batches)

@@ -16,14 +16,19 @@ class RolloutBatch(NamedTuple):
     image_grid_thw: np.ndarray  # int32[B, 3]
     image: np.ndarray  # uint8[B, Hb, Wb, 3]: the original image, zero padded (what the tool crops)
     image_hw: np.ndarray  # int32[B, 2]: its true (height, width)
+    # int32[B, F]: tokens forced as the start of the first assistant turn, -1 = sampled (F = 0: nothing forced).
+    # Data selection uses it to hand the model a ground-truth zoom (spec 5.3); training never forces.
+    first_turn: np.ndarray
 
 
 def make_batch(tokenizer, prompts, images, *, prompt_len: int, num_patches: int, image_hw: tuple[int, int],
                min_pixels: int = image_processing.DEFAULT_MIN_PIXELS,
-               max_pixels: int = image_processing.DEFAULT_MAX_PIXELS) -> RolloutBatch:
+               max_pixels: int = image_processing.DEFAULT_MAX_PIXELS, first_turns=None,
+               first_turn_len: int = 0) -> RolloutBatch:
     """prompts: list of chat messages with one `<image>` each (`data.chat`; e.g. `chat.deepeyes_prompt(q)`);
-    images: list of uint8[H, W, 3]. Raises ValueError naming the row whose prompt, patches or image do not
-    fit the static shapes."""
+    images: list of uint8[H, W, 3]; first_turns: per row, token ids forced as the start of its first turn (or None),
+    padded to `first_turn_len`. Raises ValueError naming the row whose prompt, patches, image or forced turn do
+    not fit the static shapes."""
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
     b = len(images)
@@ -33,6 +38,13 @@ def make_batch(tokenizer, prompts, images, *, prompt_len: int, num_patches: int,
     grids = np.zeros((b, 3), np.int32)
     buf = np.zeros((b, *image_hw, 3), np.uint8)
     sizes = np.zeros((b, 2), np.int32)
+    forced = np.full((b, first_turn_len), -1, np.int32)
+    for i, ids_i in enumerate(first_turns or []):
+        if ids_i is not None:
+            if len(ids_i) > first_turn_len:
+                raise ValueError(f"row {i}: forced first turn has {len(ids_i)} tokens, first_turn_len is "
+                                 f"{first_turn_len}")
+            forced[i, :len(ids_i)] = ids_i
     for i, (prompt, image) in enumerate(zip(prompts, images)):
         image = np.asarray(image)
         if image.shape[0] > image_hw[0] or image.shape[1] > image_hw[1]:
@@ -46,4 +58,4 @@ def make_batch(tokenizer, prompts, images, *, prompt_len: int, num_patches: int,
         ids[i, prompt_len - len(row):], mask[i, prompt_len - len(row):] = row, 1
         pixels[i, :len(pv)], grids[i] = pv, grid
         buf[i, :image.shape[0], :image.shape[1]], sizes[i] = image, image.shape[:2]
-    return RolloutBatch(ids, mask, pixels, grids, buf, sizes)
+    return RolloutBatch(ids, mask, pixels, grids, buf, sizes, forced)

@@ -179,6 +179,7 @@ def _rollout_rows(model, cfg: rc.RolloutConfig, tpl: rc.Templates, batch: Rollou
     if p >= s:
         raise ValueError(f"prompt length {p} leaves no room in max_total_len {s}")
     n_obs = max(cfg.max_turns - 1, 1)
+    n_forced = batch.first_turn.shape[1]
     image_wh = batch.image_hw[:, ::-1].astype(jnp.float32)
     box_scale = bbox_scale(batch.image_hw, batch.image_grid_thw, cfg.bbox_frame, model.config.vision.patch_size)
 
@@ -210,6 +211,14 @@ def _rollout_rows(model, cfg: rc.RolloutConfig, tpl: rc.Templates, batch: Rollou
         st, decoding, turn_len = carry
         tok, lp = sample_tokens(st.last_logits, jax.random.fold_in(rng, st.step), temperature=cfg.temperature,
                                 top_k=cfg.top_k, top_p=cfg.top_p)
+        sampled = decoding
+        if n_forced:  # the first turn's forced tokens replace the sampled ones (not part of the loss)
+            want = jnp.take_along_axis(batch.first_turn, jnp.minimum(turn_len, n_forced - 1)[:, None], axis=1)[:, 0]
+            forced = (st.turn == 0) & (turn_len < n_forced) & (want >= 0)
+            tok = jnp.where(forced, want, tok)
+            logp = jax.nn.log_softmax(st.last_logits / (cfg.temperature or 1.0), axis=-1)
+            lp = jnp.where(forced, jnp.take_along_axis(logp, tok[:, None], axis=1)[:, 0], lp)
+            sampled = decoding & ~forced
         slot = st.length
         hidden, cache, valid = model.decode_chunk(
             tok[:, None], decoding[:, None], jnp.broadcast_to(st.next_pos[None, :, None], (3, b, 1)),
@@ -219,10 +228,10 @@ def _rollout_rows(model, cfg: rc.RolloutConfig, tpl: rc.Templates, batch: Rollou
         length, turn_len = st.length + inc, turn_len + inc
         st = st._replace(
             tokens=_put(st.tokens, slot, tok, decoding), valid=valid,
-            loss_mask=_put(st.loss_mask, slot, True, decoding), logprobs=_put(st.logprobs, slot, lp, decoding),
+            loss_mask=_put(st.loss_mask, slot, sampled, decoding), logprobs=_put(st.logprobs, slot, lp, decoding),
             positions=_put(st.positions, slot, jnp.broadcast_to(st.next_pos, (3, b)), decoding), cache=cache,
             last_logits=jnp.where(decoding[:, None], logits, st.last_logits), length=length,
-            next_pos=st.next_pos + inc, step=st.step + 1, response_length=st.response_length + inc)
+            next_pos=st.next_pos + inc, step=st.step + 1, response_length=st.response_length + sampled.astype(jnp.int32))
         finished = (tok == tpl.im_end) | (turn_len >= tt) | (length >= s)
         return st, decoding & ~finished, turn_len
 

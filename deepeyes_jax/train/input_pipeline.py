@@ -64,16 +64,20 @@ class PromptBatches:
 
     shuffle/repeat: the training order (a seeded epoch permutation, forever); without them the source is
     read once in order and the last batch is padded with repeats of its last prompt (`padded` rows).
+    first_turn(record) -> token ids forced as the start of the record's first turn, or None (data selection's
+    ground-truth zoom), padded to `first_turn_len`; training forces nothing.
     """
 
     def __init__(self, source, *, tokenizer, data: DataConfig, crop: CropSpec, prompts: int, group_size: int,
-                 mesh, rules, reward: RewardConfig = RewardConfig(), shuffle: bool = True, position: int = 0):
+                 mesh, rules, reward: RewardConfig = RewardConfig(), shuffle: bool = True, position: int = 0,
+                 first_turn=None, first_turn_len: int = 0):
         if len(source) == 0:
             raise ValueError("the prompt source is empty")
         self.source, self.tokenizer, self.data, self.reward = source, tokenizer, data, reward
         self.prompts, self.group_size, self.mesh, self.rules = prompts, group_size, mesh, rules
         self.image_hw = (crop.image_height, crop.image_width)
         self.shuffle, self.position, self.skipped = shuffle, int(position), 0
+        self.first_turn, self.first_turn_len = first_turn, first_turn_len
         order = grain.MapDataset.source(range(len(source)))
         self._order = order.shuffle(seed=data.seed).repeat() if shuffle else order
 
@@ -98,7 +102,8 @@ class PromptBatches:
         d = self.data
         rollout = make_batch(self.tokenizer, [record.prompt], [record.image], prompt_len=d.prompt_len,
                              num_patches=d.num_patches, image_hw=self.image_hw, min_pixels=d.min_pixels,
-                             max_pixels=d.max_pixels)
+                             max_pixels=d.max_pixels, first_turn_len=self.first_turn_len,
+                             first_turns=[self.first_turn(record)] if self.first_turn else None)
         return dict(record=record, rollout=rollout, answer=answer, kind=kind)
 
     def _read(self, position: int) -> dict:
