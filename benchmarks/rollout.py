@@ -65,7 +65,8 @@ def _decode_setup(workdir):
     prompt = np.array([row + rng.integers(0, 1000, 101 - len(row)).tolist() for _ in range(b)], np.int32)
     image = np.zeros((b, 224, 224, 3), np.uint8)
     batch = RolloutBatch(prompt, np.ones_like(prompt), np.repeat(pv[None], b, 0), np.repeat(grid[None], b, 0)
-                         .astype(np.int32), image, np.full((b, 2), 224, np.int32), np.zeros((b, 0), np.int32))
+                         .astype(np.int32), image, np.full((b, 2), 224, np.int32), np.zeros((b, 0), np.int32),
+                         np.ones(b, bool))
     return tok, path, batch
 
 

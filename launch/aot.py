@@ -58,7 +58,8 @@ def abstract_batch(rows: int, data: DataConfig, crop, patch_dim: int, mesh, rule
                            pixel_values=arr((rows, data.num_patches, patch_dim), "float32"),
                            image_grid_thw=arr((rows, 3), i32),
                            image=arr((rows, crop.image_height, crop.image_width, 3), "uint8"),
-                           image_hw=arr((rows, 2), i32), first_turn=arr((rows, 0), i32))
+                           image_hw=arr((rows, 2), i32), first_turn=arr((rows, 0), i32),
+                           tool=arr((rows,), bool))
     return ts.TrainBatch(rollout=rollout, answer=arr((rows, data.answer_bytes), "uint8"), answer_len=arr((rows,), i32),
                          source_kind=arr((rows,), i32), box=arr((rows, 4), "float32"), has_box=arr((rows,), bool))
 

@@ -99,6 +99,7 @@ def test_the_dataset_holds_exactly_the_good_rows_with_their_original_bytes(prepa
         record = source[i]
         assert record.data_source == row["data_source"] and record.ground_truth == "red"
         assert record.question == row["extra_info"]["question"] and record.index == row["extra_info"]["index"]
+        assert record.tool == (row["data_source"] != "thinklite_eureka")  # ThinkLite rows are non-agent
         assert record.prompt == chat.check([(m["role"], m["content"]) for m in row["prompt"]])
         assert record.image.shape[:2] == PIL.Image.open(io.BytesIO(row["images"][0]["bytes"])).size[::-1]
     raw = source._ds[0]["image"]

@@ -225,19 +225,20 @@ def test_row_chunks_give_the_same_greedy_trajectories(fitted, greedy):
             params, batch, jax.random.key(0))
 
 
-def test_a_forced_first_turn_is_executed_and_the_model_continues(fitted, greedy):
+def test_a_forced_first_turn_is_executed_and_a_row_without_the_tool_has_one_turn(fitted, greedy):
     """RolloutBatch.first_turn (data selection's ground-truth zoom): row 0 forced to its own scripted first turn
     gives the greedy fixture's trajectory (tokens exact) with the forced tokens out of the loss mask; row 1 (script
     2, which answers at once) forced to open with row 0's first zoom call has that call executed like a sampled one
-    (status, box, crop), then goes on decoding."""
+    (status, box, crop), then goes on decoding. RolloutBatch.tool: row 2 (script 0) without the tool (DeepEyes'
+    non-agent rows) writes its zoom call but it is not executed and the trajectory ends after that one turn."""
     setup, model = fitted
     ids, loss, _, want_grids = setup.trajectory(0)
     edges = np.flatnonzero(np.diff(np.concatenate([[0], loss.astype(np.int8), [0]])))
     first = ids[edges[0]:edges[1]]  # row 0's first assistant turn, <|im_end|> included
     assert first[-1] == setup.templates.im_end
-    forced = np.full((2, 64), -1, np.int32)
-    forced[:, :len(first)] = first
-    batch = setup.make_batch([0, 2])._replace(first_turn=forced)
+    forced = np.full((3, 64), -1, np.int32)
+    forced[:2, :len(first)] = first
+    batch = setup.make_batch([0, 2, 0])._replace(first_turn=forced, tool=np.array([True, True, False]))
     rollout, params = make_rollout(model, setup.rollout_config(), setup.templates, setup.table)
     traj = jax.tree.map(np.asarray, rollout(params, batch, jax.random.key(0)))
     got_ids, got_loss = _row(traj, 0)
@@ -254,6 +255,9 @@ def test_a_forced_first_turn_is_executed_and_the_model_continues(fitted, greedy)
     np.testing.assert_array_equal(traj.turn_bbox[1, 0], traj.turn_bbox[0, 0])
     np.testing.assert_array_equal(traj.crop_grid_thw[1, 0], want_grids[1])
     assert (traj.response_length == traj.loss_mask.sum(1)).all()
+    ids2, loss2 = _row(traj, 2)
+    np.testing.assert_array_equal(ids2, ids[:edges[1]])  # the prompt and the (unexecuted) zoom turn, nothing more
+    assert (traj.num_turns[2], traj.num_zooms[2], traj.end_reason[2]) == (1, 0, rc.END_SINGLE_TURN)
 
 
 def test_bbox_frame_scales():

@@ -13,7 +13,8 @@ the row carried) or raises `RowError(reason, message)`. Reasons, in the order th
     aspect_ratio    longer side over 200 x the shorter (qwen_vl_utils' fetch_image raises on it)
     prompt_too_long the expanded prompt (image tokens included) over `max_prompt_tokens`
 
-Tiny images are kept: like verl's DeepEyes recipe (qwen_vl_utils' `fetch_image`), the model's view is
+A row's `env_name` (DeepEyes' `agent.tool_name_key`) decides whether it has the zoom tool: ThinkLite's rows (empty)
+are non-agent, one turn without the tool (`PromptRecord.tool`). Tiny images are kept: like verl's DeepEyes recipe (qwen_vl_utils' `fetch_image`), the model's view is
 smart-resized up to at least 28 px a side and 3136 pixels; they are counted as `tiny_upscaled`.
 """
 
@@ -127,7 +128,8 @@ def convert(row: dict, checks: Checks, *, position: int) -> dict:
                                           f"{checks.max_prompt_tokens}")
     question = extra.get("question")
     index = extra.get("index")
+    env = row.get("env_name") if isinstance(row.get("env_name"), str) else ""
     return dict(image=data, prompt=prompt, ground_truth=truth, data_source=source,
-                question=question if isinstance(question, str) else prompt[-1][1],
-                category=row.get("env_name") if isinstance(row.get("env_name"), str) else "",
-                index=index if type(index) is int else position, tiny=min(h, w) < image_processing.FACTOR)
+                question=question if isinstance(question, str) else prompt[-1][1], category=env,
+                index=index if type(index) is int else position, tool=bool(env),
+                tiny=min(h, w) < image_processing.FACTOR)

@@ -51,6 +51,7 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
                 "box": tfds.features.Tensor(shape=(4,), dtype=np.float32),
                 "has_box": tfds.features.Scalar(dtype=np.bool_),
                 "index": tfds.features.Scalar(dtype=np.int64),
+                "tool": tfds.features.Scalar(dtype=np.bool_),
             }),
         )
 
@@ -73,7 +74,7 @@ def _encode(r: PromptRecord | Mapping) -> dict:
         "ground_truth": str(get("ground_truth")), "question": str(get("question")),
         "data_source": str(get("data_source")), "category": str(get("category", "") or ""),
         "box": np.asarray(box if box is not None else (0, 0, 0, 0), np.float32),
-        "has_box": box is not None, "index": int(get("index", -1)),
+        "has_box": box is not None, "index": int(get("index", -1)), "tool": bool(get("tool", True)),
     }
 
 
@@ -122,7 +123,8 @@ class Source:
             prompt=prompt, image=decode_image(r["image"], what=f"{where} image", **kw),
             ground_truth=r["ground_truth"].decode(), question=r["question"].decode(),
             data_source=r["data_source"].decode(), category=r["category"].decode(),
-            box=tuple(float(v) for v in r["box"]) if bool(r["has_box"]) else None, index=int(r["index"]))
+            box=tuple(float(v) for v in r["box"]) if bool(r["has_box"]) else None, index=int(r["index"]),
+            tool=bool(r["tool"]) if "tool" in r else True)  # datasets written before the field: all with the tool
 
 
     def encoded(self, i: int) -> dict:

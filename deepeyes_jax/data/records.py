@@ -34,6 +34,7 @@ class PromptRecord:
     box: tuple[float, float, float, float] | None = None  # ground-truth region [x1, y1, x2, y2], if known
     category: str = ""  # evaluation breakdown (V*-mini: "hard" / "easy"; benchmarks: their category)
     index: int = -1  # position in its source, for logs and renderings
+    tool: bool = True  # the zoom tool is available (DeepEyes: env_name set); False: one turn, no tool (ThinkLite)
 
 
 def decode_image(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS, what: str = "image") -> np.ndarray:

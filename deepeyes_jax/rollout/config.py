@@ -7,9 +7,10 @@ import dataclasses
 from deepeyes_jax.rollout.tools import ERROR_MESSAGES, ToolConfig
 from deepeyes_jax.rollout.zoom import CropSpec
 
-END_ANSWER, END_NO_TOOL_CALL, END_TURN_BUDGET, END_MAX_TURNS, END_LENGTH = range(5)
+# END_SINGLE_TURN: a row without the tool (DeepEyes' non-agent rows, e.g. ThinkLite) ends after its one turn.
+END_ANSWER, END_NO_TOOL_CALL, END_TURN_BUDGET, END_MAX_TURNS, END_LENGTH, END_SINGLE_TURN = range(6)
 END_NAMES = {END_ANSWER: "answer", END_NO_TOOL_CALL: "no_tool_call", END_TURN_BUDGET: "turn_budget",
-             END_MAX_TURNS: "max_turns", END_LENGTH: "length"}
+             END_MAX_TURNS: "max_turns", END_LENGTH: "length", END_SINGLE_TURN: "single_turn"}
 
 
 @dataclasses.dataclass(frozen=True)

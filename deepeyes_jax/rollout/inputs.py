@@ -19,15 +19,18 @@ class RolloutBatch(NamedTuple):
     # int32[B, F]: tokens forced as the start of the first assistant turn, -1 = sampled (F = 0: nothing forced).
     # Data selection uses it to hand the model a ground-truth zoom (spec 5.3); training never forces.
     first_turn: np.ndarray
+    # bool[B]: the zoom tool is available (DeepEyes: a non-empty env_name); without it a row has one turn and its
+    # tool calls are not executed (ThinkLite's reasoning rows).
+    tool: np.ndarray
 
 
 def make_batch(tokenizer, prompts, images, *, prompt_len: int, num_patches: int, image_hw: tuple[int, int],
                min_pixels: int = image_processing.DEFAULT_MIN_PIXELS,
                max_pixels: int = image_processing.DEFAULT_MAX_PIXELS, first_turns=None,
-               first_turn_len: int = 0) -> RolloutBatch:
+               first_turn_len: int = 0, tools=None) -> RolloutBatch:
     """prompts: list of chat messages with one `<image>` each (`data.chat`; e.g. `chat.deepeyes_prompt(q)`);
     images: list of uint8[H, W, 3]; first_turns: per row, token ids forced as the start of its first turn (or None),
-    padded to `first_turn_len`. Raises ValueError naming the row whose prompt, patches, image or forced turn do
+    padded to `first_turn_len`; tools: per row, whether the zoom tool is available (default: all). Raises ValueError naming the row whose prompt, patches, image or forced turn do
     not fit the static shapes."""
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
@@ -58,4 +61,5 @@ def make_batch(tokenizer, prompts, images, *, prompt_len: int, num_patches: int,
         ids[i, prompt_len - len(row):], mask[i, prompt_len - len(row):] = row, 1
         pixels[i, :len(pv)], grids[i] = pv, grid
         buf[i, :image.shape[0], :image.shape[1]], sizes[i] = image, image.shape[:2]
-    return RolloutBatch(ids, mask, pixels, grids, buf, sizes, forced)
+    tool = np.ones(b, bool) if tools is None else np.asarray(tools, bool).reshape(b)
+    return RolloutBatch(ids, mask, pixels, grids, buf, sizes, forced, tool)

@@ -248,7 +248,7 @@ def _rollout_rows(model, cfg: rc.RolloutConfig, tpl: rc.Templates, batch: Rollou
         closed = st.tokens[jnp.arange(b), jnp.maximum(st.length - 1, 0)] == tpl.im_end
         last_turn = st.turn == cfg.max_turns - 1
         is_zoom = parse.status == tools.STATUS_ZOOM
-        wants_obs = turned & closed & (is_zoom | (parse.status == tools.STATUS_ERROR)) & ~last_turn
+        wants_obs = turned & closed & (is_zoom | (parse.status == tools.STATUS_ERROR)) & ~last_turn & batch.tool
 
         # The observation: a crop encoded by the vision tower, or a fixed error message.
         frames, crop_grid = jax.vmap(lambda im, hw, box: zoom.crop_resize_frames(im, hw, box, cfg.crop))(
@@ -276,8 +276,9 @@ def _rollout_rows(model, cfg: rc.RolloutConfig, tpl: rc.Templates, batch: Rollou
 
         reason = jnp.select(
             [~closed & (st.length >= s), ~closed, parse.status == tools.STATUS_ANSWER,
-             parse.status == tools.STATUS_NONE, last_turn],
-            [rc.END_LENGTH, rc.END_TURN_BUDGET, rc.END_ANSWER, rc.END_NO_TOOL_CALL, rc.END_MAX_TURNS], rc.END_LENGTH)
+             parse.status == tools.STATUS_NONE, ~batch.tool, last_turn],
+            [rc.END_LENGTH, rc.END_TURN_BUDGET, rc.END_ANSWER, rc.END_NO_TOOL_CALL, rc.END_SINGLE_TURN,
+             rc.END_MAX_TURNS], rc.END_LENGTH)
         record = lambda buf, value: buf.at[:, st.turn].set(jnp.where(turned, value, buf[:, st.turn]))  # noqa: E731
         return st._replace(
             tokens=write_rows(st.tokens, ids, st.length), valid=valid,

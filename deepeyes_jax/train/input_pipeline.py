@@ -103,7 +103,8 @@ class PromptBatches:
         rollout = make_batch(self.tokenizer, [record.prompt], [record.image], prompt_len=d.prompt_len,
                              num_patches=d.num_patches, image_hw=self.image_hw, min_pixels=d.min_pixels,
                              max_pixels=d.max_pixels, first_turn_len=self.first_turn_len,
-                             first_turns=[self.first_turn(record)] if self.first_turn else None)
+                             first_turns=[self.first_turn(record)] if self.first_turn else None,
+                             tools=[record.tool])
         return dict(record=record, rollout=rollout, answer=answer, kind=kind)
 
     def _read(self, position: int) -> dict:
