@@ -37,32 +37,41 @@ class PromptRecord:
     tool: bool = True  # the zoom tool is available (DeepEyes: env_name set); False: one turn, no tool (ThinkLite)
 
 
+class ImageError(ValueError):
+    """An image that cannot be used; `reason`: "image" (not readable), "bomb" (too many pixels) or
+    "aspect_ratio"."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 def decode_image(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS, what: str = "image") -> np.ndarray:
     """Encoded image bytes -> uint8[H, W, 3] (alpha composited onto white, as the HF processor does).
 
-    Raises ValueError naming `what` for anything but a readable image of at most `max_pixels` pixels and
+    Raises ImageError naming `what` for anything but a readable image of at most `max_pixels` pixels and
     aspect ratio <= 200: truncated or corrupt data, an unknown format, a decompression bomb (checked from
     the header before any pixel is decoded), an empty or absurdly thin image.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
-        raise ValueError(f"{what}: no image bytes")
+        raise ImageError("image", f"{what}: no image bytes")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
             with PIL.Image.open(io.BytesIO(bytes(data))) as im:
                 w, h = im.size
                 if w * h > max_pixels:
-                    raise ValueError(f"{what}: {w}x{h} pixels exceed the limit of {max_pixels}")
+                    raise ImageError("bomb", f"{what}: {w}x{h} pixels exceed the limit of {max_pixels}")
                 if min(w, h) < 1 or max(w, h) / min(w, h) > MAX_ASPECT:
-                    raise ValueError(f"{what}: size {w}x{h} (aspect ratio must be <= {MAX_ASPECT})")
+                    raise ImageError("aspect_ratio", f"{what}: size {w}x{h} (aspect ratio must be <= {MAX_ASPECT})")
                 im.load()
                 rgb = _rgb(im)
-    except ValueError:
+    except ImageError:
         raise
     except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as e:
-        raise ValueError(f"{what}: its pixels exceed the limit (PIL: {e})") from None
-    except (OSError, SyntaxError, EOFError, IndexError, TypeError, MemoryError) as e:
-        raise ValueError(f"{what}: not a readable image ({type(e).__name__}: {e})") from None
+        raise ImageError("bomb", f"{what}: its pixels exceed the limit (PIL: {e})") from None
+    except (OSError, SyntaxError, EOFError, IndexError, TypeError, ValueError, MemoryError) as e:
+        raise ImageError("image", f"{what}: not a readable image ({type(e).__name__}: {e})") from None
     return np.asarray(rgb, np.uint8)
 
 
