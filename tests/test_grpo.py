@@ -163,6 +163,26 @@ def test_empty_rows_are_ignored_by_every_mode():
     assert float(z) == 0.0
 
 
+def test_a_trimmed_prefix_with_its_full_length_gives_the_full_loss_in_every_mode():
+    """The length-bucketed update scores only the first T slots; with norm_length = the full length, every mode
+    (Dr. GRPO's static-length norm included) gives the loss of the untrimmed rows."""
+    logp, old, adv, mask, _, _ = make_batch(3)
+    mask = np.array(mask)
+    t = mask.shape[1]
+    mask[:, t - 3:] = 0  # the last 3 slots are padding in every row
+    for mode in MODES:
+        cfg = GRPOConfig(loss_agg_mode=mode)
+        full = grpo.policy_loss(*map(jnp.asarray, (logp, old, adv, mask)), cfg)[0]
+        cut = lambda x: jnp.asarray(x[:, :t - 3])  # noqa: E731
+        trimmed = grpo.policy_loss(cut(logp), cut(old), cut(adv) if np.ndim(adv) == 2 else jnp.asarray(adv),
+                                   cut(mask), cfg, norm_length=t)[0]
+        np.testing.assert_allclose(float(trimmed), float(full), rtol=1e-6, err_msg=mode)
+        if mode == "seq-mean-token-sum-norm":  # without it the norm would be the prefix's length
+            plain = grpo.policy_loss(cut(logp), cut(old), cut(adv) if np.ndim(adv) == 2 else jnp.asarray(adv),
+                                     cut(mask), cfg)[0]
+            assert abs(float(plain) - float(full)) > 1e-4 * abs(float(full))
+
+
 def test_config_validation():
     assert GRPOConfig().clip_ratio_high == 0.2 and GRPOConfig().loss_agg_mode == "token-mean"
     with pytest.raises(ValueError):

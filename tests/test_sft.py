@@ -171,7 +171,7 @@ def _targets(scene, large=False):
 
 
 def test_sft_batches_skip_a_bad_example_but_stop_on_settings_that_fit_nothing(tokenizer, scenes):
-    args = dict(batch=4, seed=0, steps=1)
+    args = dict(batch=4, seed=0, start=0, steps=1)
     # "second" needs a crop slot; with none, only "easy" examples fit: the misfits are counted and replaced.
     no_crops = SHAPES._replace(max_crops=0)
     traj, skipped = next(_batches(scenes, tokenizer, BUDGETS, no_crops, weights={"easy": 1, "second": 1}, **args))
@@ -179,3 +179,38 @@ def test_sft_batches_skip_a_bad_example_but_stop_on_settings_that_fit_nothing(to
     with pytest.raises(ValueError, match=r"in a row could not be made \(check sft.seq_len.*train record \d+: row 0: \d+ tokens"):
         next(_batches(scenes, tokenizer, BUDGETS, SHAPES._replace(seq_len=64), weights={"easy": 1},
                       max_failures=5, **args))
+
+
+def test_the_supervised_stage_resumes_to_the_uninterrupted_result(tokenizer, scenes, model, tmp_path, monkeypatch):
+    """`base_model.train` with a Checkpointer: stopped by a preemption request after step 2 (it saves and raises
+    Interrupted), then rerun, it ends with the parameters and history of an uninterrupted 4-step stage."""
+    from jax.sharding import Mesh
+
+    from deepeyes_jax.train import checkpoints
+    from deepeyes_jax.vstar_mini import base_model
+    from deepeyes_jax.vstar_mini.experiment import SFTConfig
+
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    sft = SFTConfig(steps=4, batch=4, warmup=1, save_every=2, task_weights={"easy": 1.0, "grounding": 1.0})
+    graphdef, state = nnx.split(model)
+    monkeypatch.setattr(checkpoints, "install_sigterm_handler", lambda: None)
+
+    def run(directory):
+        fresh = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+        ckpt = checkpoints.Checkpointer(str(directory), save_every=sft.save_every, keep=2, async_save=False)
+        try:
+            return base_model.train(fresh, tokenizer, scenes, BUDGETS, SHAPES, sft, seed=0, put=lambda t: t,
+                                    fetch=jax.device_get, mesh=mesh, ckpt=ckpt, log_every=1)
+        finally:
+            ckpt.close()
+
+    want, want_report = run(tmp_path / "whole")
+    monkeypatch.setattr(checkpoints, "preemption_requested", lambda i: i == 1)
+    with pytest.raises(base_model.Interrupted, match="saved step 2"):
+        run(tmp_path / "cut")
+    monkeypatch.setattr(checkpoints, "preemption_requested", lambda i: False)
+    got, got_report = run(tmp_path / "cut")
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6), got, want)
+    assert [h["loss"] for h in got_report["history"]] == pytest.approx([h["loss"] for h in want_report["history"]],
+                                                                       rel=1e-5)
+    assert len(got_report["history"]) == 4 and want_report["history"][0]["loss"] != want_report["history"][-1]["loss"]

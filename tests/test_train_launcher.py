@@ -107,11 +107,16 @@ def reference(tmp_path_factory, shared):
 def test_every_stage_leaves_its_output(reference, shared):
     workdir = reference["workdir"]
     before = json.load(open(os.path.join(workdir, "eval_before.json")))
-    for key in ("hard/accuracy", "easy/tool_call_rate", "probe/no_crop", "probe/gt_crop", "probe/chance",
-                "probe/grounding", "probe/grounding_chance", "probe/small_object_accuracy"):
-        assert 0 <= before[key] <= 1, key
+    # The base model's skill table, measured once when it was trained and read back from its manifest.
+    manifest = json.load(open(os.path.join(shared["base"], "manifest.json")))
+    assert manifest["steps"] == 4 and manifest["history"][-1]["loss"] > 0 and manifest["wall_seconds"] > 0
+    assert "launch.train" in manifest["command"] and len(manifest["settings_digest"]) == 12
+    for key in ("hard_accuracy_gt_crop", "hard_accuracy_no_crop", "chance", "grounding_choice", "grounding_iou50",
+                "grounding_mean_iou", "tool_call_when_asked", "tool_call_rate_hard", "tool_call_rate_easy",
+                "small_object_accuracy"):
+        assert 0 <= manifest["skills"][key] <= 1, key
+        assert before[f"probe/{key}"] == manifest["skills"][key], key
     assert math.isfinite(before["probe/position_r2"])  # the read-out's R^2 (NaN if a grid axis were constant)
-    assert before["sft"]["steps"] == 4 and before["sft"]["history"][-1]["loss"] > 0
     assert before["all/examples"] == 8
     after = json.load(open(os.path.join(workdir, "eval_after.json")))
     assert set(after) == {k for k in before if "/" in k and not k.startswith("probe/")}

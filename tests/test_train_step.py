@@ -1,5 +1,7 @@
 """The fused GRPO step (rollout + reward + advantages + loss + update in one program)."""
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,10 +106,12 @@ def test_loss_equals_numpy_recomputation_and_compiles_once(bandit):
     assert step.jitted._cache_size() == 1
 
 
-def test_micro_batching_and_remat_give_the_exact_update(bandit):
+def test_micro_batching_remat_and_length_buckets_give_the_exact_update(bandit):
     """4 micro-batches of 4 rows give the full-batch update (plain SGD shows the gradient itself), also with
     ModelConfig.remat=True (decoder layers and vision blocks recomputed in the backward pass) inside the
-    one-program step, rollout loops included."""
+    one-program step, rollout loops included, and with each micro-batch trimmed to a length bucket
+    (ActorConfig.length_buckets: rows sorted by length into the micro-batches; a bucket that would cut a
+    trajectory is passed over)."""
     import optax
 
     from deepeyes_jax.models.qwen2_5_vl import Qwen2_5_VL
@@ -117,16 +121,48 @@ def test_micro_batching_and_remat_give_the_exact_update(bandit):
     batch = _batch(setup)
     out = {}
     for micro, m in ((1, model), (4, rematted)):
+        buckets = () if micro == 1 else (used // 2, -(-used // 8) * 8)
         step, params, opt_state = _train_step(setup, m, tx=optax.sgd(1.0), grpo=GRPOConfig(group_size=GROUP),
-                                              micro_batches=micro, logprob_chunk=64)
+                                              micro_batches=micro, logprob_chunk=64, length_buckets=buckets)
         if m is rematted:
             jaxpr = str(jax.make_jaxpr(step.jitted)(params, opt_state, batch, jax.random.key(7), setup.table, None))
             assert "remat" in jaxpr
-        params, _, metrics, _, _ = step(params, opt_state, batch, jax.random.key(7))
+        params, _, metrics, traj, _ = step(params, opt_state, batch, jax.random.key(7))
         out[micro] = (jax.tree.map(np.asarray, params), float(metrics["loss"]), float(metrics["grad_norm"]))
+        lengths, full = np.sort(np.asarray(traj.length)), traj.tokens.shape[1]
+        used = int(lengths[-1])
+        if micro == 1:
+            assert float(metrics["update_length"]) == full
+        else:  # each micro-batch of 4 (rows sorted by length) at the bucket of its longest row
+            want = np.mean([min(b for b in buckets + (full,) if b >= g.max()) for g in lengths.reshape(4, 4)])
+            assert float(metrics["update_length"]) == want < full, (lengths, buckets, full)
     (p1, l1, g1), (p4, l4, g4) = out[1], out[4]
     assert g1 > 0 and abs(g1 - g4) < 1e-5 * g1 and abs(l1 - l4) < 1e-6
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), p1, p4)
+
+
+class _Rows(NamedTuple):  # the two kinds of row axis of Trajectories
+    length: jax.Array  # [B]
+    position_ids: jax.Array  # [3, B, S]
+
+
+def test_rows_are_sorted_by_length_into_micro_batches_within_their_mini_batch():
+    """`by_length`: every mini-batch keeps its own rows (so the update is unchanged), and its micro-batches (the
+    interleaved parts `rows_of` takes) hold successive length groups; the advantages move with their rows."""
+    from deepeyes_jax.rl.train_step import by_length
+    from deepeyes_jax.rollout.sampler import rows_of
+    length = np.random.default_rng(0).integers(1, 100, 16).astype(np.int32)
+    for n_mini, n_micro in ((1, 4), (2, 2), (2, 4), (1, 1)):
+        rows = jnp.arange(16)
+        t = _Rows(length=jnp.asarray(length), position_ids=jnp.stack([rows] * 3)[:, :, None])
+        s, adv = by_length(t, rows.astype(jnp.float32), n_mini, n_micro)
+        adv = np.asarray(adv).astype(int)
+        np.testing.assert_array_equal(np.asarray(s.length), length[adv])
+        np.testing.assert_array_equal(np.asarray(s.position_ids)[1, :, 0], adv)
+        for m in range(n_mini):
+            assert set(adv[m::n_mini] % n_mini) == {m}
+            groups = [np.asarray(rows_of(s, m + n_mini * u, n_mini * n_micro).length) for u in range(n_micro)]
+            assert all(a.max() <= b.min() for a, b in zip(groups, groups[1:])), groups
 
 
 def test_several_updates_per_rollout_batch(bandit):

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from deepeyes_jax.data.tokenizer import build_tokenizer, default_corpus
 from deepeyes_jax.rollout.zoom import CropSpec
@@ -102,7 +103,7 @@ def test_all_kinds_and_hard_fraction():
     kinds = [s["kind"] for s in SCENES]
     relative = {s["answer"] for s in SCENES if s["kind"] == "relative_position"}
     assert relative == {"left", "right", "above", "below"}
-    assert set(kinds) == set(vm.HARD_KINDS + vm.EASY_KINDS)
+    assert set(kinds) == set(CFG.kinds)
     assert abs(np.mean([s["hard"] for s in SCENES]) - CFG.hard_fraction) < 0.07
     only = vm.WorldConfig(kinds=("letter", "large_shape"), hard_fraction=1.0)
     assert {vm.make_scene(i, seed=1, split="train", config=only)["kind"] for i in range(20)} == {"letter"}
@@ -217,3 +218,71 @@ def test_perception_probe_picks_the_best_scored_candidate_per_scene():
     assert out["no_crop"] == out["gt_crop"] == options
     assert out["grounding"] == np.mean(boxes)
     assert out["chance"] == 0.25 and 1 / 6 <= out["grounding_chance"] <= 1 / 4
+
+
+STRIPED = vm.WorldConfig(kinds=("stripes", "large_colour"), small_size=(84, 100), large_size=(120, 170),
+                         num_small=(3, 5), tile_detail="stripes", stripe_width=2)
+
+
+def _restriped(scene, orientation):
+    """The scene with its target tile's stripes redrawn in another orientation."""
+    image, target = scene["image"].copy(), dict(scene["objects"][scene["target_ids"][0]], stripes=orientation)
+    x1, y1, x2, y2 = target["box"]
+    image[y1:y2, x1:x2] = vm.COLOURS[target["colour"]]
+    vm._draw_stripes(image, target, STRIPED.stripe_width)
+    return image
+
+
+def test_striped_tiles_are_unreadable_in_the_scene_and_readable_in_a_zoom():
+    """The hard detail of the striped world: the four orientations give the same scene at the 112 x 112 budget
+    (a 0.1 grey-level mean difference; a few edge pixels differ by <= 24), while a 2x zoom on the target's cell
+    shows them clearly apart; every scene has a striped tile, and a hard question's answer is its target's
+    orientation."""
+    scenes = [vm.make_scene(i, seed=1, split="train", config=STRIPED) for i in range(40)]
+    for s in scenes:
+        tiles = [o for o in s["objects"] if o["class"] == "tile"]
+        assert tiles and all(o["stripes"] in vm.STRIPES and o["letter"] == "" for o in tiles)
+        if s["hard"]:
+            target = s["objects"][s["target_ids"][0]]
+            assert s["kind"] == "stripes" and s["answer"] == target["stripes"] and s["options"][0] in vm.STRIPES
+            x1, y1, x2, y2 = target["box"]
+            assert 84 <= x2 - x1 <= 100
+    s = next(s for s in scenes if s["hard"])
+    grid = tasks.Budgets(1, CropSpec(448, 448, 1, 1), box_grid=112)
+    cell = [int(v) for v in tasks.zoom_box(s["target_box"], grid, 448)]
+
+    def shown(image, size):  # the processor's resize
+        return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC), np.float32)
+
+    views = [_restriped(s, o) for o in vm.STRIPES]
+    scene = [shown(v, 112) for v in views]
+    zoom = [shown(v[cell[1]:cell[3], cell[0]:cell[2]], 224) for v in views]
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert np.abs(scene[a] - scene[b]).mean() < 1.0 and np.abs(scene[a] - scene[b]).max() <= 24
+            assert np.abs(zoom[a] - zoom[b]).mean() > 20
+    with pytest.raises(ValueError, match="need tiles with another detail"):
+        vm.WorldConfig(kinds=("letter",), tile_detail="stripes")
+
+
+def test_answered_box_reads_only_a_well_formed_bbox():
+    from deepeyes_jax.vstar_mini.skills import answered_box
+    assert answered_box('<think>x</think>\n<answer>{"bbox_2d": [1, 2, 30.5, 40]}</answer>') == [1.0, 2.0, 30.5, 40.0]
+    for bad in ("<answer>red</answer>", '<answer>{"bbox_2d": [1, 2, 3]}</answer>',
+                '<answer>{"box": [1,2,3,4]}</answer>',
+                '<answer>{"bbox_2d": ["a", 2, 3, 4]}</answer>', '<answer>[1, 2, 3, 4]</answer>', ""):
+        assert answered_box(bad) is None, bad
+
+
+def test_the_shipped_base_model_was_trained_for_the_default_config():
+    """`python -m launch.train` starts from vstar_mini/pretrained: its manifest's settings digest is the default
+    config's (a change to the world, budgets, architecture or supervised stage needs a new base model), and it
+    fits the repository budget of 25 MB."""
+    from configs.vstar_mini import get_config
+    from deepeyes_jax.vstar_mini import base_model
+    from deepeyes_jax.vstar_mini.experiment import SHIPPED_BASE_MODEL, base_settings
+    manifest = base_model.read_manifest(SHIPPED_BASE_MODEL)
+    assert manifest["settings_digest"] == base_model.settings_digest(base_settings(get_config()))
+    assert manifest["command"].startswith("python -m launch.pretrain_base") and manifest["steps"] > 0
+    size = sum(os.path.getsize(os.path.join(SHIPPED_BASE_MODEL, f)) for f in os.listdir(SHIPPED_BASE_MODEL))
+    assert size <= 25 * 2**20

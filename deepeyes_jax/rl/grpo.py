@@ -146,8 +146,9 @@ def _masked_sum(x: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sum(x * mask)
 
 
-def agg_loss(loss_mat: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
+def agg_loss(loss_mat: jax.Array, mask: jax.Array, mode: str, norm_length: int | None = None) -> jax.Array:
     """float32[B, T] per-token values, {0,1}[B, T] mask -> scalar, verl `agg_loss` semantics.
+    norm_length: T of the -norm mode when the values are a prefix of longer rows (default T).
 
     token-mean:               sum(L m) / sum(m)
     seq-mean-token-sum:       mean_b sum_t(L m)
@@ -162,7 +163,7 @@ def agg_loss(loss_mat: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
     row_sum = jnp.sum(loss_mat * mask, axis=-1)                 # [B]
     row_len = jnp.sum(mask, axis=-1)                            # [B]
     if mode == "seq-mean-token-sum-norm":
-        return jnp.sum(row_sum) / loss_mat.shape[-1]
+        return jnp.sum(row_sum) / (norm_length or loss_mat.shape[-1])
     rows = jnp.maximum(jnp.sum((row_len > 0).astype(jnp.float32)), 1.0)
     if mode == "seq-mean-token-sum":
         return jnp.sum(row_sum) / rows
@@ -231,14 +232,16 @@ def clipped_surrogate(logp: jax.Array, old_logp: jax.Array, advantages: jax.Arra
 
 def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mask: jax.Array,
                 config: GRPOConfig, ref_logp: jax.Array | None = None,
-                entropy: jax.Array | None = None) -> tuple[jax.Array, dict[str, Pair]]:
+                entropy: jax.Array | None = None, norm_length: int | None = None) -> tuple[jax.Array, dict[str, Pair]]:
     """GRPO actor loss of one micro-batch (verl `dp_actor.update_policy`), and its metrics.
 
     logp, old_logp, ref_logp, entropy: float32[B, T]; advantages float32[B, T] (or [B], broadcast here);
     mask {0,1}[B, T] (1 on policy-sampled response tokens).
     loss = agg(L_pg) + kl_coef * agg(KL(logp, ref_logp))   [if kl_coef > 0 and ref_logp given]
                      - entropy_coef * agg(entropy)          [if entropy_coef > 0 and entropy given]
-    with agg = `agg_loss(., mask, config.loss_agg_mode)`. Returns (scalar loss, {name: (sum, count)}):
+    with agg = `agg_loss(., mask, config.loss_agg_mode, norm_length)` (norm_length: the rows' full length when
+    these are the first T slots of them, so a trimmed update is the full one).
+    Returns (scalar loss, {name: (sum, count)}):
     token-level metrics have count = number of masked tokens; loss metrics have count 1 (summed over
     micro-batches they average the per-micro-batch values, as verl logs them).
     """
@@ -251,7 +254,7 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mas
     mode = config.loss_agg_mode
 
     losses, info = clipped_surrogate(logp, old_logp, advantages, config)
-    pg_loss = agg_loss(losses, maskf, mode)
+    pg_loss = agg_loss(losses, maskf, mode, norm_length)
     loss = pg_loss
     n_tok = jnp.sum(maskf)
     one = jnp.ones((), jnp.float32)
@@ -273,14 +276,14 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mas
         kld = kl_penalty(logp, jax.lax.stop_gradient(ref_logp.astype(jnp.float32)), config.kl_type)
         metrics["kl"] = tok(kld)
         if config.kl_coef > 0:
-            kl_loss = agg_loss(kld, maskf, mode)
+            kl_loss = agg_loss(kld, maskf, mode, norm_length)
             loss = loss + config.kl_coef * kl_loss
             metrics["kl_loss"] = (kl_loss, one)
     if entropy is not None:
         entropy = entropy.astype(jnp.float32)
         metrics["entropy"] = tok(jax.lax.stop_gradient(entropy))
         if config.entropy_coef > 0:
-            ent_loss = agg_loss(entropy, maskf, mode)
+            ent_loss = agg_loss(entropy, maskf, mode, norm_length)
             loss = loss - config.entropy_coef * ent_loss
     metrics["loss"] = (loss, one)
     metrics = {k: (jax.lax.stop_gradient(s), jax.lax.stop_gradient(c)) for k, (s, c) in metrics.items()}

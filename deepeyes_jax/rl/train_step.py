@@ -28,7 +28,7 @@ from deepeyes_jax.rl.trajectory_forward import trajectory_logprobs
 from deepeyes_jax.rollout import config as rc
 from deepeyes_jax.rollout import tools
 from deepeyes_jax.rollout.inputs import RolloutBatch
-from deepeyes_jax.rollout.sampler import rollout_program, rows_of
+from deepeyes_jax.rollout.sampler import Trajectories, rollout_program, rows_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,11 +38,23 @@ class ActorConfig:
     logprob_chunk: int = 512  # sequence positions per chunk of the log-prob computation
     mini_batches: int = 1  # optimizer updates per rollout batch (rows split evenly; old log-probs = rollout's)
     micro_batches: int = 1  # gradient accumulation steps inside each update (exact, see micro_batch_weight)
+    # Sequence lengths the update may run at: each micro-batch takes the shortest one that holds its longest
+    # trajectory (a `lax.switch` inside the program; the slots past it are padding, so the result is the same),
+    # and a mini-batch's rows are sorted by length into its micro-batches, so the update's cost follows the tokens
+    # produced instead of rollout.max_total_len. () = always the full length, rows in their order.
+    length_buckets: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.mini_batches < 1 or self.micro_batches < 1 or self.logprob_chunk < 1:
             raise ValueError(f"mini_batches {self.mini_batches}, micro_batches {self.micro_batches} and "
                              f"logprob_chunk {self.logprob_chunk} must be >= 1")
+        b = tuple(self.length_buckets)
+        if any(not isinstance(n, int) or n < 1 for n in b) or list(b) != sorted(set(b)):
+            raise ValueError(f"actor.length_buckets {b} must be increasing positive integers")
+
+    def update_lengths(self, max_total_len: int) -> tuple[int, ...]:
+        """The update's lengths for trajectories of `max_total_len` slots: the buckets below it, then it."""
+        return tuple(n for n in self.length_buckets if n < max_total_len) + (max_total_len,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +123,7 @@ def _step(graphdef, cfg: TrainConfig, templates, tx, params, opt_state, batch: T
 def _update(graphdef, cfg: TrainConfig, tx, params, opt_state, traj, score, box, has_box, ref_params):
     adv = grpo.group_advantages(score["reward"], cfg.grpo.group_size, eps=cfg.grpo.adv_eps,
                                 norm_by_std=cfg.grpo.norm_adv_by_std)
+    full_length = traj.tokens.shape[1]
 
     def token_logprobs(params, traj):
         return trajectory_logprobs(nnx.merge(graphdef, params), traj, chunk=cfg.actor.logprob_chunk,
@@ -120,34 +133,68 @@ def _update(graphdef, cfg: TrainConfig, tx, params, opt_state, traj, score, box,
         logp, entropy = token_logprobs(params, traj)
         ref_logp = None if ref_params is None else jax.lax.stop_gradient(token_logprobs(ref_params, traj)[0])
         return grpo.policy_loss(logp, traj.logprobs[:, 1:], adv, traj.loss_mask[:, 1:], cfg.grpo,
-                                ref_logp=ref_logp, entropy=entropy)
+                                ref_logp=ref_logp, entropy=entropy, norm_length=full_length - 1)
 
     n_mini, n_micro = cfg.actor.mini_batches, cfg.actor.micro_batches
+    sizes = cfg.actor.update_lengths(full_length)
+    lengths = jnp.asarray(sizes)
+    # With buckets, every mini-batch's rows are sorted by length into its micro-batches, so each micro-batch runs
+    # at the bucket of ITS longest row (one long trajectory no longer sets the length of the whole update).
+    sorted_traj, sorted_adv = by_length(traj, adv, n_mini, n_micro) if len(sizes) > 1 else (traj, adv)
 
     def update(carry, m):  # mini-batch m: rows m, m + n_mini, ...; its micro-batch u: every n_micro-th of those
         params, opt_state = carry
-        full_mask = shd.take_rows(traj.loss_mask, m, n_mini)[:, 1:]
+        full_mask = shd.take_rows(sorted_traj.loss_mask, m, n_mini)[:, 1:]
 
         def micro(grads, u):
             i, n = m + n_mini * u, n_mini * n_micro  # the same rows of each micro-batch on every device
-            part = (rows_of(traj, i, n), shd.take_rows(adv, i, n))
-            weight = grpo.micro_batch_weight(part[0].loss_mask[:, 1:], full_mask, cfg.grpo.loss_agg_mode)
-            (loss, pairs), g = jax.value_and_grad(loss_fn, has_aux=True)(params, *part)
+            part, part_adv = rows_of(sorted_traj, i, n), shd.take_rows(sorted_adv, i, n)
+            weight = grpo.micro_batch_weight(part.loss_mask[:, 1:], full_mask, cfg.grpo.loss_agg_mode)
+            bucket = jnp.searchsorted(lengths, jnp.max(part.length)) if len(sizes) > 1 else 0
+            branches = [functools.partial(lambda size, p: jax.value_and_grad(loss_fn, has_aux=True)(
+                p, trimmed(part, size), part_adv), size) for size in sizes]
+            (loss, pairs), g = jax.lax.switch(bucket, branches, params)
             grads = jax.tree.map(lambda a, b: a + weight * b, grads, g)
-            return grads, (weight * loss, {k: v for k, v in pairs.items() if k not in ("loss", "pg_loss")})
+            pairs = {k: v for k, v in pairs.items() if k not in ("loss", "pg_loss")}
+            return grads, (weight * loss, pairs, lengths[bucket])
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        grads, (losses, pairs) = jax.lax.scan(micro, zeros, jnp.arange(n_micro))
+        grads, (losses, pairs, used) = jax.lax.scan(micro, zeros, jnp.arange(n_micro))
         updates, opt_state = tx.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), (jnp.sum(losses), pairs, optax.global_norm(grads))
+        return ((optax.apply_updates(params, updates), opt_state),
+                (jnp.sum(losses), pairs, optax.global_norm(grads), jnp.mean(used)))
 
-    (params, opt_state), (losses, pairs, grad_norms) = jax.lax.scan(update, (params, opt_state), jnp.arange(n_mini))
+    (params, opt_state), (losses, pairs, grad_norms, used) = jax.lax.scan(update, (params, opt_state),
+                                                                          jnp.arange(n_mini))
 
     rows = metrics.row_metrics(traj, score, box, has_box)
     out = {k: jnp.sum(s) / jnp.maximum(jnp.sum(c), 1) for k, (s, c) in pairs.items()}
     out.update(metrics.summarize(rows), loss=jnp.mean(losses), grad_norm=jnp.mean(grad_norms),
-               sampled_tokens=jnp.sum(traj.response_length))
+               sampled_tokens=jnp.sum(traj.response_length), update_length=jnp.mean(used))
     return params, opt_state, out, dict(rows, advantage=adv)
+
+
+def by_length(traj: Trajectories, adv: jax.Array, n_mini: int, n_micro: int):
+    """(traj, adv) with each mini-batch's rows (m, m + n_mini, ...) reordered by `length` so that its micro-batch u
+    (every n_micro-th of them, `rows_of`) holds the u-th shortest group. A mini-batch keeps its rows, so the update
+    (a sum over each mini-batch's rows) is unchanged; the reorder copies the batch once."""
+    b = traj.length.shape[0]
+    per_mini, group = b // n_mini, b // (n_mini * n_micro)
+    p = jnp.arange(b)
+    m, j = p % n_mini, p // n_mini  # position p: mini-batch m, its j-th row = micro-batch j % n_micro, slot j // n
+    rank = (j % n_micro) * group + j // n_micro  # the rank (by length, within the mini-batch) placed at p
+    order = jnp.argsort(traj.length.reshape(per_mini, n_mini).T, axis=1, stable=True)  # [n_mini, per_mini]
+    perm = m + n_mini * order[m, rank]
+    take = lambda x, axis: jnp.take(x, perm, axis=axis)  # noqa: E731
+    return traj._replace(**{f: take(getattr(traj, f), 1 if f == "position_ids" else 0) for f in traj._fields}), \
+        take(adv, 0)
+
+
+def trimmed(traj: Trajectories, length: int) -> Trajectories:
+    """The first `length` slots of every per-slot field (the rest of a finished trajectory is padding)."""
+    return traj._replace(tokens=traj.tokens[:, :length], attention_mask=traj.attention_mask[:, :length],
+                         loss_mask=traj.loss_mask[:, :length], logprobs=traj.logprobs[:, :length],
+                         position_ids=traj.position_ids[..., :length])
 
 
 def _check(config: TrainConfig):

@@ -1,13 +1,17 @@
-"""The V*-mini base model: a tiny Qwen2.5-VL taught the separate abilities by a short supervised stage.
+"""The V*-mini base model: a tiny Qwen2.5-VL taught the separate abilities by a supervised stage.
 
-    tokenizer, model, report = load_or_train(directory, ...)
+    tokenizer, model = fresh(model_config, vocab_size=, world=, seed=, mesh=)      # untrained, fan-in init
+    params, report = train(model, tokenizer, source, ..., ckpt=Checkpointer)      # resumable
+    save(directory, model, tokenizer, manifest) / load(directory, model_config, mesh) -> (tokenizer, model, manifest)
 
-The result is saved to `directory` as a Hugging Face checkpoint (safetensors + config.json +
-tokenizer files) and reused by later runs; `report` holds the supervised stage's numbers.
+The result is a Hugging Face directory (safetensors + config.json + tokenizer files) plus `manifest.json`:
+how it was made (command, steps, wall time, seed, the digest of the settings it was trained for) and its
+skill table (`vstar_mini.skills`). `launch.pretrain_base` makes the one that ships in the repository.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
@@ -24,18 +28,29 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from deepeyes_jax.vstar_mini import tasks
 from deepeyes_jax.data.tokenizer import build_tokenizer, default_corpus
 from deepeyes_jax.models.qwen2_5_vl import Qwen2_5_VL, from_pretrained, save_pretrained
 from deepeyes_jax.models.qwen2_5_vl.presets import for_tokenizer
-from deepeyes_jax.sft.conversation import Shapes, concat, pack
+from deepeyes_jax.sft.conversation import concat, pack
 from deepeyes_jax.sft.step import make_sft_step
+from deepeyes_jax.train import checkpoints, trainer
+from deepeyes_jax.vstar_mini import tasks
 
-REPORT = "sft_report.json"
+MANIFEST = "manifest.json"  # written last: its presence marks a complete base model
 
 
-def _batches(source, tokenizer, budgets, shapes, *, batch, weights, seed, steps, max_failures=200):
-    """Packed SFT batches, produced by a background thread one step ahead of the device.
+class Interrupted(Exception):
+    """The supervised stage stopped on SIGTERM after saving its checkpoint; rerun the command to resume."""
+
+
+def settings_digest(settings: dict) -> str:
+    """A short digest of what a base model was trained for (world, budgets, architecture, supervised stage)."""
+    return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _batches(source, tokenizer, budgets, shapes, *, batch, weights, seed, start, steps, max_failures=200):
+    """Packed SFT batches start..steps-1, produced by a background thread one step ahead of the device. Batch i
+    depends only on (seed, i), so a resumed run sees the batches an uninterrupted one would.
 
     An example that cannot be made (no target of the asked kinds) or does not fit `shapes` is logged,
     counted and replaced; `max_failures` failures in a row mean the settings (not a record) are at fault,
@@ -48,9 +63,9 @@ def _batches(source, tokenizer, budgets, shapes, *, batch, weights, seed, steps,
     skipped = [0]
 
     def produce():
-        rng = np.random.default_rng(seed)
         try:
-            for _ in range(steps):
+            for i in range(start, steps):
+                rng = np.random.default_rng([seed, i])
                 rows, failures = [], 0
                 while len(rows) < batch:
                     index, task = int(rng.integers(len(source))), names[int(rng.choice(len(names), p=p))]
@@ -69,33 +84,66 @@ def _batches(source, tokenizer, budgets, shapes, *, batch, weights, seed, steps,
             out.put(e)
 
     threading.Thread(target=produce, daemon=True).start()
-    for _ in range(steps):
+    for _ in range(start, steps):
         item = out.get()
         if isinstance(item, Exception):
             raise item
         yield item, skipped[0]
 
 
-def train(model, tokenizer, source, budgets: tasks.Budgets, shapes: Shapes, *, steps: int, batch: int,
-          learning_rate: float, warmup: int, weights: dict, seed: int, put, fetch, log_every: int = 25):
-    """Run the supervised stage on `model` in place of its parameters; -> (params, report dict)."""
-    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup, 1), max(steps, warmup + 1),
-                                                  learning_rate * 0.1)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
+def optimizer(sft) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(0.0, sft.learning_rate, max(sft.warmup, 1),
+                                                  max(sft.steps, sft.warmup + 1), sft.learning_rate * 0.1)
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
+
+
+def train(model, tokenizer, source, budgets: tasks.Budgets, shapes, sft, *, seed: int, put, fetch, mesh,
+          ckpt: checkpoints.Checkpointer | None = None, log_every: int = 25):
+    """Run the supervised stage (`sft`: SFTConfig) on `model`'s parameters -> (params, report dict).
+
+    With `ckpt` the stage saves every `ckpt`'s save_every steps and resumes from its latest good step (params,
+    optimizer state, step, seconds and history so far); a SIGTERM saves and raises `Interrupted`."""
+    tx = optimizer(sft)
     with jax.transfer_guard("allow"):
         step, params, opt_state = make_sft_step(model, tx)
-    t0, history = time.perf_counter(), []
-    skipped = 0
-    for i, (traj, skipped) in enumerate(_batches(source, tokenizer, budgets, shapes, batch=batch, weights=weights, seed=seed,
-                                      steps=steps)):
+    start, history, seconds0 = 0, [], 0.0
+    if ckpt is not None:
+        abstract = checkpoints.abstract_params(params, mesh, model.config.axis_rules)
+        abstract_opt = checkpoints.abstract_opt_state(tx, abstract)
+        with jax.transfer_guard("allow"):
+            restored = ckpt.restore(abstract_params=abstract, abstract_opt_state=abstract_opt)
+            if restored is not None:
+                start, params, opt_state = restored.step, restored.params, restored.opt_state
+                history, seconds0 = restored.data_state["history"], restored.data_state["seconds"]
+                logging.info("SFT: resumed at step %d (%.0f s so far)", start, seconds0)
+            else:  # laid out as a restored state would be, so the step compiles once either way
+                shardings = lambda tree: jax.tree.map(lambda a: a.sharding, tree)  # noqa: E731
+                params = jax.device_put(params, shardings(abstract))
+                opt_state = jax.device_put(opt_state, shardings(abstract_opt))
+        checkpoints.install_sigterm_handler()
+    t0, skipped = time.perf_counter(), 0
+    rng = trainer.key(seed, mesh)  # the checkpoint format's rng item (the stage itself draws none on device)
+    for i, (traj, skipped) in enumerate(_batches(source, tokenizer, budgets, shapes, batch=sft.batch,
+                                                 weights=dict(sft.task_weights), seed=seed, start=start,
+                                                 steps=sft.steps), start=start):
         params, opt_state, metrics = step(params, opt_state, put(traj))
-        if (i + 1) % log_every == 0 or i + 1 == steps:
-            m = {k: float(v) for k, v in fetch(metrics).items()}
-            history.append(dict(step=i + 1, seconds=time.perf_counter() - t0, **m))
-            logging.info("sft step %d/%d: loss %.4f token accuracy %.3f (%.0f s)", i + 1, steps, m["loss"],
-                         m["token_accuracy"], time.perf_counter() - t0)
-    return params, dict(steps=steps, batch=batch, seconds=time.perf_counter() - t0, skipped=skipped,
-                        history=history)
+        if (i + 1) % log_every == 0 or i + 1 == sft.steps:
+            m = {k: float(v) for k, v in fetch(metrics).items()}  # waits for the step: the time below is real
+            seconds = seconds0 + time.perf_counter() - t0
+            history.append(dict(step=i + 1, seconds=seconds, **m))
+            logging.info("sft step %d/%d: loss %.4f token accuracy %.3f (%.0f s)", i + 1, sft.steps, m["loss"],
+                         m["token_accuracy"], seconds)
+        if ckpt is not None:
+            stop = checkpoints.preemption_requested(i)
+            so_far = dict(history=history, seconds=seconds0 + time.perf_counter() - t0)
+            ckpt.save(i + 1, params, opt_state, rng, so_far, force=stop or i + 1 == sft.steps)
+            if stop and i + 1 < sft.steps:
+                ckpt.wait()
+                raise Interrupted(f"SFT preempted: saved step {i + 1}")
+    if ckpt is not None:
+        ckpt.wait()
+    return params, dict(steps=sft.steps, batch=sft.batch, seconds=seconds0 + time.perf_counter() - t0,
+                        skipped=skipped, history=history)
 
 
 def fan_in_init(params, seed: int):
@@ -114,41 +162,44 @@ def fan_in_init(params, seed: int):
     return jax.tree_util.tree_map_with_path(draw, params)
 
 
-def load_or_train(directory: str, *, model_config, vocab_size: int, source, budgets, shapes, sft, mesh, put, fetch,
-                  seed: int):
-    """-> (tokenizer, model, report). Loads `directory` if it holds a finished base model, else trains one.
-
-    With several processes every one trains (the same batches, sharded), process 0 writes the files."""
-    done = os.path.join(directory, REPORT)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("vstar_mini_base_model_check")
-    if os.path.exists(done):
-        tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
-        runtime = model_config.runtime()
-        with jax.transfer_guard("allow"):
-            model = from_pretrained(directory, mesh=mesh, dtype=runtime.pop("param_dtype"),
-                                    compute_dtype=runtime.pop("dtype"), **runtime)
-        with open(done) as f:
-            report = json.load(f)
-        logging.info("base model loaded from %s", directory)
-        return tokenizer, model, report
-    tokenizer = build_tokenizer(vocab_size=vocab_size, corpus=default_corpus() + tasks.corpus(seed))
+def fresh(model_config, *, vocab_size: int, world, seed: int, mesh):
+    """-> (tokenizer, model): the V*-mini tokenizer (trained on its text) and an untrained model, fan-in init."""
+    tokenizer = build_tokenizer(vocab_size=vocab_size, corpus=default_corpus() + tasks.corpus(seed, world))
     config = for_tokenizer(model_config, tokenizer)
     with jax.transfer_guard("allow"):
         model = Qwen2_5_VL(config, rngs=nnx.Rngs(seed), mesh=mesh)
         graphdef, params = nnx.split(model)
-        model = nnx.merge(graphdef, jax.jit(fan_in_init, static_argnums=1)(params, seed))
-    params, report = train(model, tokenizer, source, budgets, shapes, steps=sft.steps, batch=sft.batch,
-                           learning_rate=sft.learning_rate, warmup=sft.warmup, weights=dict(sft.task_weights),
-                           seed=seed, put=put, fetch=fetch)
-    model = nnx.merge(graphdef, params)
+        return tokenizer, nnx.merge(graphdef, jax.jit(fan_in_init, static_argnums=1)(params, seed))
+
+
+def save(directory: str, model, tokenizer, manifest: dict) -> None:
+    """The Hugging Face files, then `manifest.json` last (process 0 writes; every process takes part)."""
     with jax.transfer_guard("allow"):
         save_pretrained(model, directory)
     if jax.process_index() == 0:
         tokenizer.save_pretrained(directory)
-        with open(done + ".tmp", "w") as f:  # written last: its presence marks a complete base model
-            json.dump(report, f, indent=1)
-        os.replace(done + ".tmp", done)
+        path = os.path.join(directory, MANIFEST)
+        with open(path + ".tmp", "w") as f:
+            json.dump(manifest, f, indent=1)
+        os.replace(path + ".tmp", path)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("vstar_mini_base_model_written")
-    return tokenizer, model, report
+
+
+def read_manifest(directory: str) -> dict | None:
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def load(directory: str, model_config, mesh):
+    """-> (tokenizer, model, manifest) of a finished base model directory."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    runtime = model_config.runtime()
+    with jax.transfer_guard("allow"):
+        model = from_pretrained(directory, mesh=mesh, dtype=runtime.pop("param_dtype"),
+                                compute_dtype=runtime.pop("dtype"), **runtime)
+    logging.info("base model loaded from %s", directory)
+    return tokenizer, model, read_manifest(directory)

@@ -1,10 +1,11 @@
 """V*-mini as an experiment of the generic trainer (`launch.train --config=configs/vstar_mini.py`).
 
 The hooks of `train.experiment.Experiment`: the model is a tiny Qwen2.5-VL base model taught by a
-supervised stage (trained on first use, then loaded); the prompts are procedural V*-style scenes; the
-held-out split is summarised by hard / easy question; before training the base model is probed
-(perception with / without the ground-truth crop, grounding, linear read-outs of its image tokens);
-the report is the before/after table plus rendered trajectories.
+supervised stage: the one shipped in `vstar_mini/pretrained` (made by `launch.pretrain_base`, checked
+against the run's settings), or retrained in the run's workdir with `vstar_mini.retrain_base`; the prompts
+are procedural V*-style scenes; the held-out split is summarised by hard / easy question; the starting
+model's skill table (`skills`) is stored with the first evaluation; the report is the before/after table
+plus rendered trajectories.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import dataclasses
 import functools
 import itertools
 import os
+import sys
 
 import jax
+from flax import nnx
 from jax.experimental import multihost_utils
 
 from deepeyes_jax import sharding as shd
@@ -24,16 +27,19 @@ from deepeyes_jax.data.tokenizer import COMPACT_SYSTEM_PROMPT, SYSTEM_PROMPT
 from deepeyes_jax.eval import render
 from deepeyes_jax.eval.evaluator import take_rows, turns_of
 from deepeyes_jax.models.qwen2_5_vl import ModelConfig, TextConfig, VisionConfig
+from deepeyes_jax.rollout import tools
+from deepeyes_jax.rollout.config import make_templates
 from deepeyes_jax.rollout.zoom import CropSpec
 from deepeyes_jax.sft.conversation import Shapes
 from deepeyes_jax.sft.step import make_scorer
-from deepeyes_jax.train import experiment, model_spec, trainer
+from deepeyes_jax.train import checkpoints, experiment, model_spec, trainer
 from deepeyes_jax.train.config_lib import build
-from deepeyes_jax.vstar_mini import base_model, dataset, probes, tasks
+from deepeyes_jax.vstar_mini import base_model, dataset, probes, skills, tasks
 from deepeyes_jax.vstar_mini.feature_probe import linear_readout
 from deepeyes_jax.vstar_mini.world import WorldConfig
 
 SYSTEM_PROMPTS = {"compact": COMPACT_SYSTEM_PROMPT, "deepeyes": SYSTEM_PROMPT}
+SHIPPED_BASE_MODEL = os.path.join(os.path.dirname(__file__), "pretrained")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +53,9 @@ class BaseModelConfig:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     mrope_section: tuple[int, int, int] = (4, 6, 6)
+    # M-RoPE base. Qwen's 1e6 turns a key by ~2e-4 rad per image column at this head size, leaving the decoder
+    # no usable signal of where an image token is (README: V*-mini diagnosis); 100 makes it ~0.01-0.06 rad.
+    rope_theta: float = 1e6
     vision_depth: int = 2
     vision_hidden_size: int = 128
     vision_heads: int = 4
@@ -55,7 +64,8 @@ class BaseModelConfig:
         return ModelConfig(
             text=TextConfig(hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
                             num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
-                            num_key_value_heads=self.num_key_value_heads, mrope_section=tuple(self.mrope_section)),
+                            num_key_value_heads=self.num_key_value_heads, mrope_section=tuple(self.mrope_section),
+                            rope_theta=self.rope_theta),
             vision=VisionConfig(depth=self.vision_depth, hidden_size=self.vision_hidden_size,
                                 intermediate_size=2 * self.vision_hidden_size, num_heads=self.vision_heads,
                                 out_hidden_size=self.hidden_size, fullatt_block_indexes=(self.vision_depth - 1,)),
@@ -67,10 +77,14 @@ class SFTConfig:
     """The supervised stage that makes the base model (see `tasks` for the tasks)."""
 
     steps: int = 200
+    save_every: int = 100  # checkpoints of the stage (resumable), in the base model's checkpoint directory
     batch: int = 32
     learning_rate: float = 2e-3
     warmup: int = 20
     seq_len: int = 352
+    # Patch slots of a crop in the stage's conversations (0: the crop budget's worst case, rollout.crop.max_patches).
+    # Its crops are square (one patch count under the budget); a conversation that needs more is skipped, counted.
+    crop_patches: int = 0
     tool_prior: float = 0.25
     box_grid: int = 56
     task_weights: dict = dataclasses.field(default_factory=lambda: dict(
@@ -80,9 +94,12 @@ class SFTConfig:
 @dataclasses.dataclass(frozen=True)
 class VStarMiniConfig:
     """data_dir / seed / num_train / num_test: the generated TFDS dataset. test_seed >= 0: evaluate on the test
-    split of a freshly generated dataset with that seed. base_model_dir: where the base model is trained on first
-    use and loaded after (default WORKDIR/base_model; a set model.checkpoint is loaded instead).
-    probe_examples: hard held-out scenes probed before training. render: trajectories drawn after training."""
+    split of a freshly generated dataset with that seed. base_model_dir: the base model to start from (default:
+    the shipped one, `vstar_mini/pretrained`); it must have been trained for this config's world, budgets,
+    architecture and supervised stage (its manifest's settings). retrain_base: train the base model in this run
+    instead, into base_model_dir (default WORKDIR/base_model; resumable from `<dir>_checkpoints`) unless it
+    already holds one; a set model.checkpoint is loaded instead of either.
+    probe_examples: hard held-out scenes of the skill table. render: trajectories drawn after training."""
 
     data_dir: str = "~/.cache/deepeyes_jax/tfds"
     seed: int = 0
@@ -92,6 +109,7 @@ class VStarMiniConfig:
     world: WorldConfig = WorldConfig()
     system_prompt: str = "compact"
     base_model_dir: str = ""
+    retrain_base: bool = False
     base_model: BaseModelConfig = BaseModelConfig()
     sft: SFTConfig = SFTConfig()
     probe_examples: int = 64
@@ -100,6 +118,25 @@ class VStarMiniConfig:
     def __post_init__(self):
         if self.system_prompt not in SYSTEM_PROMPTS:
             raise ValueError(f"vstar_mini.system_prompt={self.system_prompt!r}; choose one of {sorted(SYSTEM_PROMPTS)}")
+
+
+def base_settings(cfg) -> dict:
+    """What a base model is trained for (a run with the same settings can start from it): the world, the data
+    and init seeds, the budgets and prompt, the architecture and the supervised stage."""
+    v = build(VStarMiniConfig, cfg.vstar_mini, where="vstar_mini")
+    return dict(world=dataclasses.asdict(v.world), data_seed=v.seed, num_train=v.num_train, init_seed=cfg.seed,
+                scene_max_pixels=cfg.data.max_pixels, crop=dataclasses.asdict(build(CropSpec, cfg.rollout.crop)),
+                system_prompt=v.system_prompt, base_model=dataclasses.asdict(v.base_model),
+                sft=dataclasses.asdict(v.sft))
+
+
+def command_line() -> str:
+    """This process's command as typed: `python -m launch.x ...` for a module run with -m."""
+    main, args = sys.argv[0], sys.argv[1:]
+    parts = os.path.normpath(os.path.abspath(main)).split(os.sep)
+    if main.endswith(".py") and len(parts) >= 2 and parts[-2] in ("launch", "benchmarks"):
+        return " ".join(["python", "-m", f"{parts[-2]}.{parts[-1][:-3]}", *args])
+    return " ".join(["python", main, *args])
 
 
 def load_splits(v: VStarMiniConfig) -> dict:
@@ -160,9 +197,11 @@ class VStarMini(experiment.Experiment):
         self.budgets = tasks.Budgets(scene_max_pixels=self.data.max_pixels, crop=self.crop,
                                      system_prompt=SYSTEM_PROMPTS[self.v.system_prompt], tool_prior=self.v.sft.tool_prior,
                                      box_grid=self.v.sft.box_grid, kinds=tuple(self.v.world.kinds))
-        self.shapes = Shapes(seq_len=self.v.sft.seq_len, prompt_patches=max(self.data.num_patches, self.crop.max_patches),
-                             crop_patches=self.crop.max_patches, max_crops=1)
-        self.sft_report = None
+        crop_patches = self.v.sft.crop_patches or self.crop.max_patches
+        closeup = self.v.sft.task_weights.get("closeup", 0) > 0  # a crop as the first image
+        self.shapes = Shapes(seq_len=self.v.sft.seq_len, crop_patches=crop_patches, max_crops=1,
+                             prompt_patches=max(self.data.num_patches, crop_patches * closeup))
+        self.base_manifest = None  # the starting base model's manifest (its skill table)
 
     def _put(self, tree):
         return trainer.replicated(tree, self.mesh)
@@ -174,12 +213,79 @@ class VStarMini(experiment.Experiment):
         spec = build(model_spec.ModelSpec, self.cfg.model, where="model")
         if spec.checkpoint:
             return model_spec.load(spec, self.mesh, seed=self.cfg.seed)
-        directory = self.v.base_model_dir or os.path.join(self.workdir, "base_model")
-        tokenizer, model, self.sft_report = base_model.load_or_train(
-            directory, model_config=self.v.base_model.model_config(spec), vocab_size=self.v.base_model.tokenizer_vocab,
-            source=self.splits["train"], budgets=self.budgets, shapes=self.shapes, sft=self.v.sft, mesh=self.mesh,
-            put=self._put, fetch=self._fetch, seed=self.cfg.seed)
+        if self.v.retrain_base:
+            directory = self.v.base_model_dir or os.path.join(self.workdir, "base_model")
+            if base_model.read_manifest(directory) is None:
+                self.pretrain(directory, directory.rstrip("/") + "_checkpoints")
+        else:
+            directory = self.v.base_model_dir or SHIPPED_BASE_MODEL
+        manifest = base_model.read_manifest(directory)
+        if manifest is None:
+            raise FileNotFoundError(f"{directory} holds no finished base model ({base_model.MANIFEST} missing): run "
+                                    f"`python -m launch.pretrain_base` or set --config.vstar_mini.retrain_base=True")
+        digest = base_model.settings_digest(base_settings(self.cfg))
+        if manifest.get("settings_digest") != digest:
+            theirs = manifest.get("settings", {})
+            differ = sorted(k for k in set(theirs) | set(base_settings(self.cfg))
+                            if base_model.settings_digest({k: theirs.get(k)})
+                            != base_model.settings_digest({k: base_settings(self.cfg).get(k)}))
+            raise ValueError(f"the base model in {directory} was trained for other settings ({', '.join(differ)} "
+                             f"differ): set --config.vstar_mini.retrain_base=True, or make one with "
+                             f"`python -m launch.pretrain_base` and pass --config.vstar_mini.base_model_dir")
+        tokenizer, model, self.base_manifest = base_model.load(
+            directory, self.v.base_model.model_config(spec), self.mesh)
         return tokenizer, model
+
+    def pretrain(self, directory: str, checkpoint_dir: str) -> dict:
+        """Train the base model (resumable from `checkpoint_dir`), measure its skills, save it with its manifest."""
+        spec = build(model_spec.ModelSpec, self.cfg.model, where="model")
+        tokenizer, model = base_model.fresh(self.v.base_model.model_config(spec), world=self.v.world,
+                                            vocab_size=self.v.base_model.tokenizer_vocab, seed=self.cfg.seed,
+                                            mesh=self.mesh)
+        ckpt = checkpoints.Checkpointer(checkpoint_dir, save_every=self.v.sft.save_every, keep=2)
+        params, report = base_model.train(model, tokenizer, self.splits["train"], self.budgets, self.shapes,
+                                          self.v.sft, seed=self.cfg.seed, put=self._put, fetch=self._fetch,
+                                          mesh=self.mesh, ckpt=ckpt)
+        ckpt.close()
+        model = nnx.merge(nnx.graphdef(model), params)
+        table = self.skill_table(model, params, tokenizer)
+        manifest = dict(command=command_line(), steps=report["steps"],
+                        batch=report["batch"], wall_seconds=round(report["seconds"], 1), skipped=report["skipped"],
+                        data_seed=self.v.seed, init_seed=self.cfg.seed, skills=table,
+                        settings_digest=base_model.settings_digest(base_settings(self.cfg)),
+                        settings=base_settings(self.cfg), history=report["history"])
+        base_model.save(directory, model, tokenizer, manifest)
+        return manifest
+
+    def skill_table(self, model, params, tokenizer) -> dict:
+        """The model's skills on the first `probe_examples` hard held-out scenes (and the held-out questions)."""
+        test = self.splits["test"]
+        hard = list(itertools.islice((s for s in (test[i] for i in range(len(test))) if s["hard"]),
+                                     self.v.probe_examples))
+        shapes = self.shapes._replace(seq_len=self.cfg.rollout.max_total_len)
+        probe = probes.perception_probe(make_scorer(model), params, hard, tokenizer, self.budgets, shapes,
+                                        batch=self.eval.batch, put=self._put, fetch=self._fetch)
+        rules, config = model.config.axis_rules, trainer.train_config(self.cfg)
+        table = trainer.replicated(tools.token_bytes(tokenizer), self.mesh)
+        evaluate = trainer.make_evaluator(model, config, make_templates(tokenizer), table, self.mesh, rules)
+        rng = trainer.key(self.cfg.seed + 1, self.mesh)
+
+        def run(source, examples):
+            return evaluate(params, trainer.eval_batches(source, self.eval, examples=examples, tokenizer=tokenizer,
+                                                         data=self.data, crop=config.rollout.crop,
+                                                         reward=config.reward, mesh=self.mesh, rules=rules), rng)
+
+        records = skills.asked_records(hard, self.budgets.system_prompt)
+        asked = skills.generated_skills(run(records, 0), records, tokenizer)
+        held = run(self.eval_source(), self.eval.final_examples).summary
+        out = dict(hard_accuracy_gt_crop=probe["gt_crop"], hard_accuracy_no_crop=probe["no_crop"],
+                   chance=probe["chance"], grounding_choice=probe["grounding"], **asked,
+                   tool_call_rate_hard=held.get("hard/tool_call_rate"),
+                   tool_call_rate_easy=held.get("easy/tool_call_rate"),
+                   accuracy_hard=held.get("hard/accuracy"), accuracy_easy=held.get("easy/accuracy"), examples=len(hard))
+        out.update(linear_readout(model, [test[i] for i in range(min(len(test), self.v.probe_examples))],
+                                  self.data.max_pixels, self._put, self._fetch))
+        return out
 
     def train_source(self):
         return Records(self.splits["train"], self.budgets.system_prompt)
@@ -188,16 +294,9 @@ class VStarMini(experiment.Experiment):
         return Records(self.splits["test"], self.budgets.system_prompt)
 
     def before_training(self, *, model, params, tokenizer) -> dict:
-        test = self.splits["test"]
-        hard = list(itertools.islice((s for s in (test[i] for i in range(len(test))) if s["hard"]),
-                                     self.v.probe_examples))
-        shapes = self.shapes._replace(seq_len=self.cfg.rollout.max_total_len)
-        out = probes.perception_probe(make_scorer(model), params, hard, tokenizer, self.budgets, shapes,
-                                      batch=self.eval.batch, put=self._put, fetch=self._fetch)
-        out.update(linear_readout(model, [test[i] for i in range(min(len(test), self.v.probe_examples))],
-                                  self.data.max_pixels, self._put, self._fetch))
-        report = {f"probe/{k}": v for k, v in out.items()}
-        return dict(report, sft=self.sft_report) if self.sft_report is not None else report
+        """The starting model's skill table: the shipped base model's manifest has it; another model is measured."""
+        table = self.base_manifest["skills"] if self.base_manifest else self.skill_table(model, params, tokenizer)
+        return {f"probe/{k}": v for k, v in table.items()}
 
     def describe_eval(self) -> dict:
         return {"test_seed": self.v.test_seed if self.v.test_seed >= 0 else self.v.seed}

@@ -90,8 +90,16 @@ def cut(image, box) -> np.ndarray:
 def grounding(image, name: str, box, budgets: Budgets) -> list:
     """"Where is <name>?" about `image`, answered with `box` (the answer is the trained reply)."""
     where = json.dumps({"bbox_2d": [round(v) for v in box]})
-    q = f"Where is {name}? Answer with its bounding box."
-    return prompt(image, q, budgets) + [Reply(answer(f"I can see {name}.", where))]
+    return prompt(image, where_question(name), budgets) + [Reply(answer(f"I can see {name}.", where))]
+
+
+def where_question(name: str) -> str:
+    return f"Where is {name}? Answer with its bounding box."
+
+
+def zoom_request(question: str, name: str) -> str:
+    """A formatted question followed by the request to zoom on `name` first."""
+    return f"{question}Zoom in on {name} first."
 
 
 def target_name(scene: dict, target_ids) -> str:
@@ -119,7 +127,8 @@ def _small_targets(scene: dict, rng, kinds):
     singles = [ids[0] for ids in by_colour.values() if len(ids) == 1]
     options = [("relative_position", p) for p in pairs]
     options += [(k, [i]) for i in singles for k in
-                (("letter", "letter_colour") if objs[i]["class"] == "tile" else ("shape",))]
+                (("shape",) if objs[i]["class"] != "tile" else ("stripes",) if objs[i].get("stripes")
+                 else ("letter", "letter_colour"))]
     options = [(k, ids) for k, ids in options if k in kinds]
     if not options:
         raise ValueError(f"no small target for question kinds {kinds}")
@@ -127,12 +136,15 @@ def _small_targets(scene: dict, rng, kinds):
 
 
 def _crop(scene, target_ids, rng, size):
-    """A crop around the targets as the zoom tool would return it (padded, randomly shifted box)."""
+    """A square crop around the targets, as a zoom on them returns it: the targets' larger side plus a random
+    pad on each side, its centre shifted by up to half the pad, moved inside the image (square crops all take
+    the same patch count under the crop budget, `SFTConfig.crop_patches`)."""
     box = _union([scene["objects"][i]["box"] for i in target_ids])
     pad = float(rng.uniform(8, 32))
-    shift = rng.uniform(-pad / 2, pad / 2, size=2)
-    return cut(scene["image"], world.crop_box(
-        [box[0] + shift[0], box[1] + shift[1], box[2] + shift[0], box[3] + shift[1]], pad=pad, size=size))
+    side = min(size, round(max(box[2] - box[0], box[3] - box[1]) + 2 * pad))
+    centre = np.array([box[0] + box[2], box[1] + box[3]]) / 2 + rng.uniform(-pad / 2, pad / 2, size=2)
+    x1, y1 = (int(np.clip(round(c - side / 2), 0, size - side)) for c in centre)
+    return scene["image"][y1:y1 + side, x1:x1 + side]
 
 
 def example(scene: dict, task: str, rng, budgets: Budgets) -> list:
@@ -186,21 +198,22 @@ def example(scene: dict, task: str, rng, budgets: Budgets) -> list:
             easy_kind = easy_kinds[int(rng.integers(len(easy_kinds)))]
             (q, opts, _), ids = world.question_for(objs, large, easy_kind, rng), large
             name, box = target_name(scene, large), objs[large[0]]["box"]
-        ask = f"{world.format_question(q, opts)}Zoom in on {name} first."
+        ask = zoom_request(world.format_question(q, opts), name)
         zoom = zoom_box(box, budgets, size)
         return prompt(scene["image"], ask, budgets) + [Reply(tool_call(f"I need a closer look at {name}.", zoom))]
     raise ValueError(f"unknown SFT task {task!r}; choose from {TASKS}")
 
 
-def corpus(seed: int = 0) -> list[str]:
-    """Tokenizer training text for V*-mini: the prompts, questions, replies and tool calls it uses."""
+def corpus(seed: int = 0, config: world.WorldConfig = world.WorldConfig()) -> list[str]:
+    """Tokenizer training text for V*-mini in the world `config`: the prompts, questions, replies and tool calls."""
     rng = np.random.default_rng(seed)
     lines = [SYSTEM_PROMPT, COMPACT_SYSTEM_PROMPT, USER_PROMPT] * 16
+    budgets = Budgets(112 * 112, CropSpec(config.size, config.size, 112 * 112, 112 * 112), kinds=config.kinds)
     for i in range(200):
-        scene = world.make_scene(i, seed=seed, split="train", config=world.WorldConfig())
+        scene = world.make_scene(i, seed=seed, split="train", config=config)
         lines.append(scene["question"])
         for task in ("easy", "closeup", "observed", "grounding", "tool_call"):
-            for seg in example(scene, task, rng, Budgets(112 * 112, CropSpec(448, 448, 112 * 112, 112 * 112))):
+            for seg in example(scene, task, rng, budgets):
                 if isinstance(seg, (Text, Reply)):
                     lines.append(seg.text)
     return lines

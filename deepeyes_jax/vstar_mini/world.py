@@ -19,7 +19,9 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 70, 230), 
 LETTER_COLOURS = {"black": (0, 0, 0), "white": (255, 255, 255), **COLOURS}
 SHAPES = ("circle", "square", "triangle", "cross")
 LETTERS = ("T", "L", "X", "H")
-HARD_KINDS = ("shape", "letter", "letter_colour", "relative_position")
+STRIPES = ("horizontal", "vertical", "rising", "falling")
+HARD_KINDS = ("shape", "letter", "letter_colour", "relative_position", "stripes")
+TILE_DETAILS = ("letter", "stripes")
 EASY_KINDS = ("large_colour", "large_shape")
 SPLIT_IDS = {"train": 0, "test": 1}
 
@@ -32,9 +34,15 @@ class WorldConfig:
     large_size: tuple[int, int] = (150, 210)
     num_small: tuple[int, int] = (4, 6)  # inclusive, counting the target(s)
     hard_fraction: float = 0.75
-    kinds: tuple[str, ...] = HARD_KINDS + EASY_KINDS
+    kinds: tuple[str, ...] = ("shape", "letter", "letter_colour", "relative_position") + EASY_KINDS
     margin: int = 6  # px kept free around the large object and inside cell borders
     letter_stroke: float = 1 / 8  # letter stroke width / tile side (>= 3 px)
+    # What a tile carries: a letter (`letter`, `letter_colour` questions) or stripes of one of `STRIPES`
+    # orientations in a darker shade of its colour (`stripes`). Stripes `stripe_width` px wide with equal
+    # gaps average out under a >= 4x downscale (every orientation gives the same mean colour: unreadable at
+    # the scene budget) and stay >= 2 x stripe_width px wide in a crop magnified 2x.
+    tile_detail: str = "letter"
+    stripe_width: int = 5
     # > 0: a grey background whose red channel rises by this much from left to right and blue channel
     # from top to bottom, like uneven lighting. Qwen2.5-VL has no absolute position embedding; the tint
     # makes an image token's position linearly readable from its features (README: V*-mini diagnosis).
@@ -44,6 +52,15 @@ class WorldConfig:
         unknown = [k for k in self.kinds if k not in HARD_KINDS + EASY_KINDS]
         if unknown or not self.kinds:
             raise ValueError(f"unknown question kind(s) {unknown} (known: {HARD_KINDS + EASY_KINDS})")
+        if self.tile_detail not in TILE_DETAILS:
+            raise ValueError(f"tile_detail {self.tile_detail!r}; choose one of {TILE_DETAILS}")
+        detail_kinds = {"letter": ("letter", "letter_colour"), "stripes": ("stripes",)}
+        asked = [k for k in self.kinds for d, ks in detail_kinds.items() if k in ks and d != self.tile_detail]
+        if asked:
+            raise ValueError(f"question kind(s) {asked} need tiles with another detail than "
+                             f"tile_detail={self.tile_detail!r}")
+        if self.stripe_width < 1:
+            raise ValueError(f"stripe_width {self.stripe_width} must be >= 1 px")
 
 
 def format_question(q: str, options: list[str]) -> str:
@@ -82,6 +99,9 @@ def question_for(scene_objects: list[dict], target_ids: list[int], kind: str, rn
     if kind == "letter_colour":
         options = _with_distractors(obj["letter_colour"], LETTER_COLOURS, (colour,), rng)
         return f"What is the colour of the letter on the small {colour} tile?", options, obj["letter_colour"]
+    if kind == "stripes":
+        return (f"Which way do the stripes on the small {colour} tile run?", _shuffled(STRIPES, rng),
+                obj["stripes"])
     if kind == "relative_position":
         a, b = obj, scene_objects[target_ids[1]]
         (ax, ay), (bx, by) = [((o["box"][0] + o["box"][2]) / 2, (o["box"][1] + o["box"][3]) / 2) for o in (a, b)]
@@ -121,6 +141,13 @@ def _background(rng, size: int, tint: int) -> np.ndarray:
     return np.clip(out, 90 - tint // 2, 170 + tint // 2).astype(np.uint8)
 
 
+def _stripe_mask(side: int, width: int, orientation: str) -> np.ndarray:
+    """bool[side, side]: stripes `width` px wide with `width` px gaps (diagonals measured along an axis)."""
+    y, x = np.mgrid[:side, :side]
+    along = {"horizontal": y, "vertical": x, "rising": x + y, "falling": x - y + side}[orientation]
+    return (along // width) % 2 == 0
+
+
 def _draw(draw: ImageDraw.ImageDraw, o: dict, stroke: float) -> None:
     x1, y1, x2, y2 = o["box"]
     side, fill = x2 - x1, COLOURS[o["colour"]]
@@ -136,7 +163,7 @@ def _draw(draw: ImageDraw.ImageDraw, o: dict, stroke: float) -> None:
         draw.rectangle([x1 + off, y1, x1 + off + t - 1, y2], fill=fill)
     else:
         draw.rectangle([x1, y1, x2, y2], fill=fill)
-    if o["class"] != "tile":
+    if o["class"] != "tile" or o["stripes"]:
         return
     w, ink, pad = max(3, round(side * stroke)), LETTER_COLOURS[o["letter_colour"]], side // 5
     a, b, c, d = x1 + pad, y1 + pad, x2 - pad, y2 - pad  # letter box
@@ -151,9 +178,17 @@ def _draw(draw: ImageDraw.ImageDraw, o: dict, stroke: float) -> None:
         draw.rectangle(r, fill=ink)
 
 
-def _obj(cls, size, shape, colour, box, letter="", letter_colour="") -> dict:
+def _draw_stripes(image: np.ndarray, o: dict, width: int) -> None:
+    """Paints a striped tile's stripes into `image` (uint8[H, W, 3]) in a darker shade of its colour."""
+    x1, y1, x2, y2 = o["box"]
+    mask = _stripe_mask(x2 - x1, width, o["stripes"])
+    shade = np.round(np.array(COLOURS[o["colour"]]) * 0.4).astype(np.uint8)
+    image[y1:y2, x1:x2][mask] = shade
+
+
+def _obj(cls, size, shape, colour, box, letter="", letter_colour="", stripes="") -> dict:
     return {"class": cls, "size": size, "shape": shape, "colour": colour, "letter": letter,
-            "letter_colour": letter_colour, "box": [int(v) for v in box]}
+            "letter_colour": letter_colour, "stripes": stripes, "box": [int(v) for v in box]}
 
 
 def make_scene(index: int, *, seed: int, split: str, config: WorldConfig = WorldConfig()) -> dict:
@@ -203,9 +238,16 @@ def make_scene(index: int, *, seed: int, split: str, config: WorldConfig = World
         s = int(sides[0])
         x, y = (int(v) for v in rng.integers(m, cell - m - s + 1, 2))
         box = (cx + x, cy + y, cx + x + s, cy + y + s)
-        # the first cell holds the target, whose class the question dictates
-        tile = kind in ("letter", "letter_colour") if i == 0 and hard else bool(rng.integers(2))
-        if tile:
+        # the first cell holds the target, whose class the question dictates; in the striped world it is a tile
+        # in easy scenes too, so every scene has a small object to ask about (supervised tasks, skill table)
+        if i == 0 and (hard or cfg.tile_detail == "stripes"):
+            tile = kind in ("letter", "letter_colour", "stripes") or not hard
+        else:
+            tile = bool(rng.integers(2))
+        if tile and cfg.tile_detail == "stripes":
+            objects.append(_obj("tile", "small", "square", colours[i], box,
+                                stripes=STRIPES[int(rng.integers(len(STRIPES)))]))
+        elif tile:
             inks = [c for c in LETTER_COLOURS if abs(_luma(c) - _luma(colours[i])) >= 20]  # legible when zoomed
             ink = inks[int(rng.integers(len(inks)))]
             objects.append(_obj("tile", "small", "square", colours[i], box, LETTERS[int(rng.integers(4))], ink))
@@ -216,8 +258,12 @@ def make_scene(index: int, *, seed: int, split: str, config: WorldConfig = World
     draw = ImageDraw.Draw(pil := Image.fromarray(image))
     for o in objects:
         _draw(draw, o, config.letter_stroke)
+    image = np.array(pil)
+    for o in objects:
+        if o["stripes"]:
+            _draw_stripes(image, o, config.stripe_width)
     boxes = np.array([objects[t]["box"] for t in target_ids])
-    return dict(image=np.array(pil), question=format_question(q, options), question_text=q, options=options,
+    return dict(image=image, question=format_question(q, options), question_text=q, options=options,
                 answer=answer, answer_letter="ABCD"[options.index(answer)], kind=kind, hard=hard,
                 target_box=[float(v) for v in (*boxes[:, :2].min(0), *boxes[:, 2:].max(0))], objects=objects,
                 target_ids=target_ids, data_source="vstar")

@@ -1,0 +1,54 @@
+"""Train the V*-mini base model once, measure its skills and write it where runs start from.
+
+  python -m launch.pretrain_base                        # configs/vstar_mini.py -> deepeyes_jax/vstar_mini/pretrained
+  python -m launch.pretrain_base --config.vstar_mini.sft.steps=4000 --out=DIR --workdir=runs/base
+
+1. The V*-mini tokenizer and an untrained tiny Qwen2.5-VL (the config's `vstar_mini.base_model`).
+2. The supervised stage (`vstar_mini.tasks`: the separate abilities, never a tool call followed by anything),
+   checkpointed every `vstar_mini.sft.save_every` steps under --workdir: rerun the same command to resume.
+3. The skill table on held-out scenes (`vstar_mini.skills`).
+4. --out: config.json, model.safetensors, tokenizer files and manifest.json (command, steps, wall time, seeds,
+   the settings' digest that `launch.train` checks, the skill table). The last line printed is the manifest's
+   skill table as JSON.
+"""
+
+import json
+import os
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from deepeyes_jax.sharding import make_mesh
+from deepeyes_jax.train import trainer
+from deepeyes_jax.vstar_mini import base_model, skills
+from deepeyes_jax.vstar_mini.experiment import SHIPPED_BASE_MODEL, VStarMini
+
+config_flags.DEFINE_config_file("config", "configs/vstar_mini.py", "The V*-mini configuration.", lock_config=True)
+flags.DEFINE_string("out", SHIPPED_BASE_MODEL, "Where the finished base model is written.")
+flags.DEFINE_string("workdir", "runs/vstar_mini_base", "The supervised stage's checkpoints (resume from here).")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    jax.config.update("jax_transfer_guard", "disallow")
+    trainer.use_compilation_cache()
+    mesh = make_mesh(FLAGS.config.mesh)
+    exp = VStarMini(FLAGS.config, FLAGS.workdir, mesh)
+    manifest = base_model.read_manifest(FLAGS.out)
+    if manifest is not None:
+        logging.info("%s already holds a finished base model; remove it to train again", FLAGS.out)
+    else:
+        try:
+            manifest = exp.pretrain(FLAGS.out, os.path.join(FLAGS.workdir, "checkpoints"))
+        except base_model.Interrupted as e:
+            raise SystemExit(f"{e}; rerun the same command to resume") from e
+    if jax.process_index() == 0:
+        for name, label in skills.SKILLS:
+            print(f"{label:80s} {manifest['skills'].get(name)}")
+        print(json.dumps(manifest["skills"]))
+
+
+if __name__ == "__main__":
+    app.run(main)
