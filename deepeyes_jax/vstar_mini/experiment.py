@@ -223,12 +223,11 @@ class VStarMini(experiment.Experiment):
         if manifest is None:
             raise FileNotFoundError(f"{directory} holds no finished base model ({base_model.MANIFEST} missing): run "
                                     f"`python -m launch.pretrain_base` or set --config.vstar_mini.retrain_base=True")
-        digest = base_model.settings_digest(base_settings(self.cfg))
-        if manifest.get("settings_digest") != digest:
+        ours = base_settings(self.cfg)
+        if manifest.get("settings_digest") != base_model.settings_digest(ours):
             theirs = manifest.get("settings", {})
-            differ = sorted(k for k in set(theirs) | set(base_settings(self.cfg))
-                            if base_model.settings_digest({k: theirs.get(k)})
-                            != base_model.settings_digest({k: base_settings(self.cfg).get(k)}))
+            differ = sorted(k for k in set(theirs) | set(ours) if base_model.settings_digest({k: theirs.get(k)})
+                            != base_model.settings_digest({k: ours.get(k)}))
             raise ValueError(f"the base model in {directory} was trained for other settings ({', '.join(differ)} "
                              f"differ): set --config.vstar_mini.retrain_base=True, or make one with "
                              f"`python -m launch.pretrain_base` and pass --config.vstar_mini.base_model_dir")
@@ -248,12 +247,12 @@ class VStarMini(experiment.Experiment):
                                           mesh=self.mesh, ckpt=ckpt)
         ckpt.close()
         model = nnx.merge(nnx.graphdef(model), params)
-        table = self.skill_table(model, params, tokenizer)
+        table, settings = self.skill_table(model, params, tokenizer), base_settings(self.cfg)
         manifest = dict(command=command_line(), steps=report["steps"],
                         batch=report["batch"], wall_seconds=round(report["seconds"], 1), skipped=report["skipped"],
                         data_seed=self.v.seed, init_seed=self.cfg.seed, skills=table,
-                        settings_digest=base_model.settings_digest(base_settings(self.cfg)),
-                        settings=base_settings(self.cfg), history=report["history"])
+                        settings_digest=base_model.settings_digest(settings), settings=settings,
+                        history=report["history"])
         base_model.save(directory, model, tokenizer, manifest)
         return manifest
 
