@@ -25,6 +25,7 @@ from deepeyes_jax.train.config_lib import section
 from deepeyes_jax.train.input_pipeline import DataConfig
 from deepeyes_jax.train.model_spec import ModelSpec
 from deepeyes_jax.vstar_mini.experiment import BaseModelConfig, SFTConfig, VStarMiniConfig
+from deepeyes_jax.vstar_mini.vision_stage import VisionStageConfig
 from deepeyes_jax.vstar_mini.world import WorldConfig
 
 
@@ -45,11 +46,16 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         world=WorldConfig(size=448, hard_fraction=0.75, kinds=("stripes", "large_colour"), small_size=(84, 100),
                           large_size=(120, 170), num_small=(3, 5), tile_detail="stripes", stripe_width=2),
         base_model=BaseModelConfig(rope_theta=100.0),
+        # The tower first learns what lies under each image token (colour, size, stripes in a crop, grid cell in
+        # a scene) from dense labels: 400 steps, ~3 min here, held-out >= 0.98 on every head.
+        vision=VisionStageConfig(steps=400, batch=16),
         # The supervised stage's crops are squares, 224 x 224 = 256 patches under the crop budget; without the
         # closeup task (a crop as the first image) the scene's 64-patch slot is the only prompt image.
-        sft=SFTConfig(steps=1600, batch=16, save_every=100, box_grid=112, seq_len=384, crop_patches=256,
+        # The inventory (every small object's colour, then its box) is grounding's dense form: 3-5 image-selective
+        # decisions per example, where the other tasks have one.
+        sft=SFTConfig(steps=1000, batch=16, save_every=100, box_grid=112, seq_len=384, crop_patches=256, train_tower=False,
                       task_weights=dict(scene=2.0, easy=1.0, closeup=0.0, second=1.0, observed=2.0, grounding=2.0,
-                                        tool_call=1.0))))
+                                        tool_call=1.0, inventory=3.0))))
     c.data = section(DataConfig(seed=0, prompt_len=224, num_patches=64, max_pixels=112 * 112, answer_bytes=64))
     # One zoom is all a question needs here: two turns (call, then answer after the crop), 64 tokens each (the
     # base model's tool call is 56 tokens, a direct answer 17).
@@ -74,6 +80,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                                        vision_hidden_size=32, vision_heads=2)
         c.vstar_mini.update(retrain_base=True)
         c.vstar_mini.sft.update(steps=4, batch=8)
+        c.vstar_mini.vision.update(steps=2, batch=2)
         c.grpo.group_size = 4
         c.eval.update(every=1, examples=8, final_examples=8, batch=8)
         c.checkpoint.save_every = 1

@@ -4,10 +4,12 @@
   python -m launch.pretrain_base --config.vstar_mini.sft.steps=4000 --out=DIR --workdir=runs/base
 
 1. The V*-mini tokenizer and an untrained tiny Qwen2.5-VL (the config's `vstar_mini.base_model`).
-2. The supervised stage (`vstar_mini.tasks`: the separate abilities, never a tool call followed by anything),
+2. The vision stage (`vstar_mini.vision_stage`): the tower alone learns what lies under each image token from
+   dense labels, as a real base model's pretrained tower would bring it.
+3. The supervised stage (`vstar_mini.tasks`: the separate abilities, never a tool call followed by anything),
    checkpointed every `vstar_mini.sft.save_every` steps under --workdir: rerun the same command to resume.
-3. The skill table on held-out scenes (`vstar_mini.skills`).
-4. --out: config.json, model.safetensors, tokenizer files and manifest.json (command, steps, wall time, seeds,
+4. The skill table on held-out scenes (`vstar_mini.skills`).
+5. --out: config.json, model.safetensors, tokenizer files and manifest.json (command, steps, wall time, seeds,
    the settings' digest that `launch.train` checks, the skill table). The last line printed is the manifest's
    skill table as JSON.
 """

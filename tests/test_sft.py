@@ -135,6 +135,15 @@ def test_tasks_teach_abilities_not_the_composition(tokenizer, scenes, grid):
             if task == "grounding":
                 box = json.loads(replies[0].split("<answer>")[1].split("</answer>")[0])["bbox_2d"]
                 assert box in zooms
+            if task == "inventory":
+                # every small object, in palette order, with the box one zooms on; the large one's colour
+                listing = json.loads(replies[0].split("<answer>")[1].split("</answer>")[0])
+                small = [o for o in sc["objects"] if o["size"] == "small"]
+                colours = [c for c, _ in listing["small"]]
+                assert colours == sorted(colours, key=list(vstar_mini.COLOURS).index) and len(colours) == len(small)
+                assert sorted(map(str, listing["small"])) == sorted(
+                    str([o["colour"], [round(v) for v in tasks.zoom_box(o["box"], budgets, 448)]]) for o in small)
+                assert listing["large"] == next(o["colour"] for o in sc["objects"] if o["size"] == "large")
             if task in ("closeup", "second", "observed"):
                 # the hard question is answered from a crop, never from the scene itself
                 images = [s for s in conv if isinstance(s, Image)]
@@ -183,7 +192,8 @@ def test_sft_batches_skip_a_bad_example_but_stop_on_settings_that_fit_nothing(to
 
 def test_the_supervised_stage_resumes_to_the_uninterrupted_result(tokenizer, scenes, model, tmp_path, monkeypatch):
     """`base_model.train` with a Checkpointer: stopped by a preemption request after step 2 (it saves and raises
-    Interrupted), then rerun, it ends with the parameters and history of an uninterrupted 4-step stage."""
+    Interrupted), then rerun, it ends with the parameters and history of an uninterrupted 4-step stage; with
+    `train_tower` False the vision tower is exactly the one it started from and the language model moved."""
     from jax.sharding import Mesh
 
     from deepeyes_jax.train import checkpoints
@@ -191,7 +201,8 @@ def test_the_supervised_stage_resumes_to_the_uninterrupted_result(tokenizer, sce
     from deepeyes_jax.vstar_mini.experiment import SFTConfig
 
     mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
-    sft = SFTConfig(steps=4, batch=4, warmup=1, save_every=2, task_weights={"easy": 1.0, "grounding": 1.0})
+    sft = SFTConfig(steps=4, batch=4, warmup=1, save_every=2, task_weights={"easy": 1.0, "grounding": 1.0},
+                    train_tower=False)
     graphdef, state = nnx.split(model)
     monkeypatch.setattr(checkpoints, "install_sigterm_handler", lambda: None)
 
@@ -214,3 +225,6 @@ def test_the_supervised_stage_resumes_to_the_uninterrupted_result(tokenizer, sce
     assert [h["loss"] for h in got_report["history"]] == pytest.approx([h["loss"] for h in want_report["history"]],
                                                                        rel=1e-5)
     assert len(got_report["history"]) == 4 and want_report["history"][0]["loss"] != want_report["history"][-1]["loss"]
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got["visual"],
+                 state["visual"])
+    assert not np.allclose(got["lm_head"]["kernel"].value, state["lm_head"]["kernel"].value)

@@ -92,9 +92,18 @@ def _batches(source, tokenizer, budgets, shapes, *, batch, weights, seed, start,
 
 
 def optimizer(sft) -> optax.GradientTransformation:
+    """AdamW on a warmup-cosine schedule, clipped; with `sft.train_tower` False the vision tower is left as the
+    vision stage made it (its updates are zero, so XLA drops its backward pass)."""
     schedule = optax.warmup_cosine_decay_schedule(0.0, sft.learning_rate, max(sft.warmup, 1),
                                                   max(sft.steps, sft.warmup + 1), sft.learning_rate * 0.1)
-    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
+    if sft.train_tower:
+        return tx
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "tower" if getattr(path[0], "key", None) == "visual" else "rest", params)
+    return optax.multi_transform({"rest": tx, "tower": optax.set_to_zero()}, labels)
 
 
 def train(model, tokenizer, source, budgets: tasks.Budgets, shapes, sft, *, seed: int, put, fetch, mesh,

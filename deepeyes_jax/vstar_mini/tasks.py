@@ -13,6 +13,9 @@ From V*-mini training scenes, each example is one of (`TASKS`):
               (a tool_response turn, and answering the first question from it)
   grounding   scene + "Where is the small X?" -> answer {"bbox_2d": [...]} (the box one zooms on)
   tool_call   scene + a question + "Zoom in on X first." -> a tool call in the system prompt's format
+  inventory   scene + "List the objects." -> the large object's colour, then each small object's colour and
+              box (palette order): one grounding answer per small object, each right after its colour word
+              (the dense form of grounding: 3-5 image-selective decisions per example instead of one)
 No example contains a tool call followed by anything: that zooming pays off on hard questions is
 what RL has to discover.
 """
@@ -31,7 +34,8 @@ from deepeyes_jax.rollout.zoom import CropSpec
 from deepeyes_jax.sft.conversation import Image, Reply, Text
 from deepeyes_jax.vstar_mini import world
 
-TASKS = ("scene", "easy", "closeup", "second", "observed", "grounding", "tool_call")
+TASKS = ("scene", "easy", "closeup", "second", "observed", "grounding", "tool_call", "inventory")
+INVENTORY_QUESTION = "List the objects: the large one's colour, then each small one's colour and bounding box."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +97,19 @@ def grounding(image, name: str, box, budgets: Budgets) -> list:
     return prompt(image, where_question(name), budgets) + [Reply(answer(f"I can see {name}.", where))]
 
 
+def inventory(scene: dict, budgets: Budgets) -> list:
+    """"List the objects." about a scene, answered {"large": colour, "small": [[colour, box], ...]} (palette order,
+    then top-left first)."""
+    objs, size = scene["objects"], scene["image"].shape[0]
+    order = list(world.COLOURS)
+    small = sorted([order.index(o["colour"]), [round(v) for v in zoom_box(o["box"], budgets, size)]]
+                   for o in objs if o["size"] == "small")
+    listing = {"large": next(o["colour"] for o in objs if o["size"] == "large"),
+               "small": [[order[c], box] for c, box in small]}
+    return prompt(scene["image"], INVENTORY_QUESTION, budgets) + [
+        Reply(answer("I can see every object.", json.dumps(listing)))]
+
+
 def where_question(name: str) -> str:
     return f"Where is {name}? Answer with its bounding box."
 
@@ -135,15 +152,20 @@ def _small_targets(scene: dict, rng, kinds):
     return options[int(rng.integers(len(options)))]
 
 
-def _crop(scene, target_ids, rng, size):
-    """A square crop around the targets, as a zoom on them returns it: the targets' larger side plus a random
-    pad on each side, its centre shifted by up to half the pad, moved inside the image (square crops all take
-    the same patch count under the crop budget, `SFTConfig.crop_patches`)."""
+def crop_window(scene, target_ids, rng, size) -> tuple[int, int, int]:
+    """(x1, y1, side): a square crop around the targets, as a zoom on them returns it: the targets' larger side
+    plus a random pad on each side, its centre shifted by up to half the pad, moved inside the image (square
+    crops all take the same patch count under the crop budget, `SFTConfig.crop_patches`)."""
     box = _union([scene["objects"][i]["box"] for i in target_ids])
     pad = float(rng.uniform(8, 32))
     side = min(size, round(max(box[2] - box[0], box[3] - box[1]) + 2 * pad))
     centre = np.array([box[0] + box[2], box[1] + box[3]]) / 2 + rng.uniform(-pad / 2, pad / 2, size=2)
     x1, y1 = (int(np.clip(round(c - side / 2), 0, size - side)) for c in centre)
+    return x1, y1, side
+
+
+def _crop(scene, target_ids, rng, size):
+    x1, y1, side = crop_window(scene, target_ids, rng, size)
     return scene["image"][y1:y1 + side, x1:x1 + side]
 
 
@@ -170,6 +192,8 @@ def example(scene: dict, task: str, rng, budgets: Budgets) -> list:
     if task == "easy":
         segs, reply = easy_turn()
         return segs + [reply]
+    if task == "inventory":
+        return inventory(scene, budgets)
     kind, ids = _small_targets(scene, rng, budgets.kinds)
     name = target_name(scene, ids)
     crop = Image(_crop(scene, ids, rng, size), budgets.crop.min_pixels, budgets.crop.max_pixels)
@@ -212,7 +236,7 @@ def corpus(seed: int = 0, config: world.WorldConfig = world.WorldConfig()) -> li
     for i in range(200):
         scene = world.make_scene(i, seed=seed, split="train", config=config)
         lines.append(scene["question"])
-        for task in ("easy", "closeup", "observed", "grounding", "tool_call"):
+        for task in ("easy", "closeup", "observed", "grounding", "tool_call", "inventory"):
             for seg in example(scene, task, rng, budgets):
                 if isinstance(seg, (Text, Reply)):
                     lines.append(seg.text)

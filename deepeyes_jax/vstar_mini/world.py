@@ -148,9 +148,9 @@ def _stripe_mask(side: int, width: int, orientation: str) -> np.ndarray:
     return (along // width) % 2 == 0
 
 
-def _draw(draw: ImageDraw.ImageDraw, o: dict, stroke: float) -> None:
+def _shape(draw: ImageDraw.ImageDraw, o: dict, fill) -> None:
     x1, y1, x2, y2 = o["box"]
-    side, fill = x2 - x1, COLOURS[o["colour"]]
+    side = x2 - x1
     x2, y2 = x2 - 1, y2 - 1  # PIL boxes are inclusive
     if o["shape"] == "circle":
         draw.ellipse([x1, y1, x2, y2], fill=fill)
@@ -163,8 +163,14 @@ def _draw(draw: ImageDraw.ImageDraw, o: dict, stroke: float) -> None:
         draw.rectangle([x1 + off, y1, x1 + off + t - 1, y2], fill=fill)
     else:
         draw.rectangle([x1, y1, x2, y2], fill=fill)
+
+
+def _draw(draw: ImageDraw.ImageDraw, o: dict, stroke: float) -> None:
+    _shape(draw, o, COLOURS[o["colour"]])
     if o["class"] != "tile" or o["stripes"]:
         return
+    x1, y1, x2, y2 = o["box"]
+    side, x2, y2 = x2 - x1, x2 - 1, y2 - 1
     w, ink, pad = max(3, round(side * stroke)), LETTER_COLOURS[o["letter_colour"]], side // 5
     a, b, c, d = x1 + pad, y1 + pad, x2 - pad, y2 - pad  # letter box
     mx, my = (a + c - w + 1) // 2, (b + d - w + 1) // 2  # top-left of the centred stroke
@@ -176,6 +182,16 @@ def _draw(draw: ImageDraw.ImageDraw, o: dict, stroke: float) -> None:
         draw.line([a, d, c, b], fill=ink, width=w)
     for r in strokes.get(o["letter"], []):
         draw.rectangle(r, fill=ink)
+
+
+def object_map(objects: list[dict], size: int) -> np.ndarray:
+    """uint8[size, size]: 1 + the index of the object drawn on each pixel (0: background), as make_scene
+    draws them (later objects on top)."""
+    pil = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(pil)
+    for i, o in enumerate(objects):
+        _shape(draw, o, i + 1)
+    return np.asarray(pil)
 
 
 def _draw_stripes(image: np.ndarray, o: dict, width: int) -> None:
