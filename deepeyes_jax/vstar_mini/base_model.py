@@ -59,36 +59,47 @@ def _batches(source, tokenizer, budgets, shapes, *, batch, weights, seed, start,
     names = list(weights)
     p = np.array([weights[n] for n in names], np.float64)
     p /= p.sum()
-    out: queue.Queue = queue.Queue(maxsize=2)
     skipped = [0]
+
+    def make(i):
+        rng = np.random.default_rng([seed, i])
+        rows, failures = [], 0
+        while len(rows) < batch:
+            index, task = int(rng.integers(len(source))), names[int(rng.choice(len(names), p=p))]
+            try:
+                rows.append(pack(tokenizer, [tasks.example(source[index], task, rng, budgets)], shapes))
+                failures = 0
+            except ValueError as e:
+                skipped[0] += 1
+                failures += 1
+                logging.warning("SFT: skipping %s example of train record %d: %s", task, index, e)
+                if failures >= max_failures:
+                    raise ValueError(f"SFT: {failures} examples in a row could not be made (check sft.seq_len "
+                                     f"and data.kinds); the last, {task} of train record {index}: {e}") from e
+        return concat(rows)
+
+    for item in prefetch(make, range(start, steps)):
+        yield item, skipped[0]
+
+
+def prefetch(make, indices, depth: int = 2):
+    """Yields make(i) for i in `indices`, made ahead on a background thread (host batching overlaps the device
+    step); an exception raised there is re-raised here."""
+    out: queue.Queue = queue.Queue(maxsize=depth)
 
     def produce():
         try:
-            for i in range(start, steps):
-                rng = np.random.default_rng([seed, i])
-                rows, failures = [], 0
-                while len(rows) < batch:
-                    index, task = int(rng.integers(len(source))), names[int(rng.choice(len(names), p=p))]
-                    try:
-                        rows.append(pack(tokenizer, [tasks.example(source[index], task, rng, budgets)], shapes))
-                        failures = 0
-                    except ValueError as e:
-                        skipped[0] += 1
-                        failures += 1
-                        logging.warning("SFT: skipping %s example of train record %d: %s", task, index, e)
-                        if failures >= max_failures:
-                            raise ValueError(f"SFT: {failures} examples in a row could not be made (check sft.seq_len "
-                                             f"and data.kinds); the last, {task} of train record {index}: {e}") from e
-                out.put(concat(rows))
+            for i in indices:
+                out.put(make(i))
         except Exception as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
             out.put(e)
 
     threading.Thread(target=produce, daemon=True).start()
-    for _ in range(start, steps):
+    for _ in indices:
         item = out.get()
         if isinstance(item, Exception):
             raise item
-        yield item, skipped[0]
+        yield item
 
 
 def optimizer(sft) -> optax.GradientTransformation:

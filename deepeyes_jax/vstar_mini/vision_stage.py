@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import queue
-import threading
 import time
 
 import jax
@@ -35,7 +33,7 @@ from flax import nnx
 
 from deepeyes_jax.data import image_processing as ip
 from deepeyes_jax.sharding import init_on_mesh
-from deepeyes_jax.vstar_mini import tasks, world
+from deepeyes_jax.vstar_mini import base_model, tasks, world
 
 IGNORE = -1
 HEADS = (("colour", 1 + len(world.COLOURS)), ("size", 3), ("stripes", 1 + len(world.STRIPES)), ("row", 0),
@@ -151,25 +149,6 @@ def _forward(graphdef, state, head, pv, grid, labels, sizes):
     return sum(losses) / len(losses), acc, count
 
 
-def _producer(source, budgets, *, batch_size, seed, steps, stream):
-    out: queue.Queue = queue.Queue(maxsize=2)
-
-    def produce():
-        try:
-            for i in range(steps):
-                rng = np.random.default_rng([seed, stream, i])
-                out.put(batch([source[int(j)] for j in rng.integers(len(source), size=batch_size)], rng, budgets))
-        except Exception as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
-            out.put(e)
-
-    threading.Thread(target=produce, daemon=True).start()
-    for _ in range(steps):
-        item = out.get()
-        if isinstance(item, Exception):
-            raise item
-        yield item
-
-
 def train_tower(model, source, budgets: tasks.Budgets, stage: VisionStageConfig, *, seed: int, put, fetch,
                 log_every: int = 50):
     """Train `model.visual` in place on `stage.steps` batches of `source` scenes -> report dict (steps, seconds,
@@ -197,8 +176,11 @@ def train_tower(model, source, budgets: tasks.Budgets, stage: VisionStageConfig,
     with jax.transfer_guard("allow"):
         opt_state = init_on_mesh(tx.init, trained)
     history, t0 = [], time.perf_counter()
-    for i, (pv, grid, labels) in enumerate(_producer(source, budgets, batch_size=stage.batch, seed=seed, stream=1,
-                                                     steps=stage.steps)):
+    def make(i):
+        rng = np.random.default_rng([seed, 1, i])
+        return batch([source[int(j)] for j in rng.integers(len(source), size=stage.batch)], rng, budgets)
+
+    for i, (pv, grid, labels) in enumerate(base_model.prefetch(make, range(stage.steps))):
         trained, opt_state, metrics = step(trained, opt_state, *put((pv, grid, labels)))
         if (i + 1) % log_every == 0 or i + 1 == stage.steps:
             m = {k: round(float(v), 4) for k, v in fetch(metrics).items()}
