@@ -45,7 +45,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         # scene's 4x downscale, and a zoom on the target's cell magnifies them 2x. Easy: the large object's colour.
         world=WorldConfig(size=448, hard_fraction=0.75, kinds=("stripes", "large_colour"), small_size=(84, 100),
                           large_size=(120, 170), num_small=(3, 5), tile_detail="stripes", stripe_width=2),
-        base_model=BaseModelConfig(rope_theta=100.0),
+        # rope_theta 1e6 (Qwen's): the tower gives each image token its cell, and the decoder's colour-keyed look-up
+        # (grounding) needs dimensions that barely rotate between the image and the reply (at 100: grounding 0.16).
+        base_model=BaseModelConfig(rope_theta=1e6),
         # The tower first learns what lies under each image token (colour, size, stripes in a crop, grid cell in
         # a scene) from dense labels: 400 steps, ~3 min here, held-out >= 0.98 on every head.
         vision=VisionStageConfig(steps=400, batch=16),

@@ -112,8 +112,8 @@ def test_every_stage_leaves_its_output(reference, shared):
     assert manifest["steps"] == 4 and manifest["history"][-1]["loss"] > 0 and manifest["wall_seconds"] > 0
     assert "launch.train" in manifest["command"] and len(manifest["settings_digest"]) == 12
     for key in ("hard_accuracy_gt_crop", "hard_accuracy_no_crop", "chance", "grounding_choice", "grounding_iou50",
-                "grounding_mean_iou", "tool_call_when_asked", "tool_call_rate_hard", "tool_call_rate_easy",
-                "small_object_accuracy"):
+                "grounding_mean_iou", "tool_call_when_asked", "tool_call_aim_iou50", "tool_call_rate_hard",
+                "tool_call_rate_easy", "small_object_accuracy"):
         assert 0 <= manifest["skills"][key] <= 1, key
         assert before[f"probe/{key}"] == manifest["skills"][key], key
     assert math.isfinite(before["probe/position_r2"])  # the read-out's R^2 (NaN if a grid axis were constant)

@@ -274,6 +274,26 @@ def test_answered_box_reads_only_a_well_formed_bbox():
         assert answered_box(bad) is None, bad
 
 
+def test_generated_skills_score_the_answered_box_and_the_asked_zooms_aim(monkeypatch):
+    """Grounding: the answered box's IoU with the target (0 when the reply holds none); asked zooms: executed at
+    all, and aimed (their zoom's IoU >= 0.5; a row without a zoom counts as a miss)."""
+    import types
+    from deepeyes_jax.vstar_mini import skills
+    replies = ['<answer>{"bbox_2d": [0, 0, 112, 112]}</answer>', '<answer>{"bbox_2d": [224, 0, 336, 112]}</answer>',
+               "<answer>no box</answer>"]
+    monkeypatch.setattr(skills, "take_rows", lambda traj, rows: rows)
+    monkeypatch.setattr(skills, "turns_of", lambda host, i, tok: [{"text": replies[i]}])
+    truth = (10, 10, 100, 100)  # IoU 0.65 with the first answer, 0 with the second
+    records = [types.SimpleNamespace(box=truth)] * 3
+    rows = [dict(batch=0, row=i, category="grounding", index=i) for i in range(3)] + [
+        dict(batch=0, row=3 + i, category="asked", index=i, zooms=z, grounding_iou=iou, has_grounding=float(z > 0))
+        for i, (z, iou) in enumerate([(1, 0.7), (1, 0.2), (0, 0.0), (2, 0.5)])]
+    out = skills.generated_skills(types.SimpleNamespace(outputs=[(None, None, None)], rows=rows), records, None)
+    assert out["grounding_iou50"] == pytest.approx(1 / 3)
+    assert out["grounding_mean_iou"] == pytest.approx((8100 / 12544) / 3)
+    assert out["tool_call_when_asked"] == 0.75 and out["tool_call_aim_iou50"] == 0.5
+
+
 def test_the_shipped_base_model_was_trained_for_the_default_config():
     """`python -m launch.train` starts from vstar_mini/pretrained: its manifest's settings digest is the default
     config's (a change to the world, budgets, architecture or supervised stage needs a new base model), and it

@@ -26,6 +26,7 @@ SKILLS = (
     ("grounding_iou50", "\"Where is X?\": answered box IoU >= 0.5 with the target (greedy)"),
     ("grounding_mean_iou", "\"Where is X?\": mean IoU (greedy)"),
     ("tool_call_when_asked", "\"Zoom in on X first.\": a well-formed, executed tool call (greedy)"),
+    ("tool_call_aim_iou50", "\"Zoom in on X first.\": the zoom box's IoU >= 0.5 with the target (greedy)"),
     ("tool_call_rate_hard", "spontaneous tool-call rate, hard questions (greedy)"),
     ("tool_call_rate_easy", "spontaneous tool-call rate, easy questions (greedy)"),
     ("accuracy_hard", "accuracy, hard questions (greedy, tool available)"),
@@ -61,8 +62,9 @@ def answered_box(text: str):
 
 
 def generated_skills(result, records, tokenizer) -> dict:
-    """Grounding IoU and asked tool calls from an evaluation of `asked_records` (an `evaluator.Result`)."""
-    ious, asked = [], []
+    """Grounding IoU and asked tool calls (executed; their zoom box's IoU with the target, 0 without a zoom) from an
+    evaluation of `asked_records` (an `evaluator.Result`)."""
+    ious, asked, aim = [], [], []
     for k, (traj, _, _) in enumerate(result.outputs):
         mine = [r for r in result.rows if r["batch"] == k]
         host = take_rows(traj, [r["row"] for r in mine])
@@ -74,6 +76,7 @@ def generated_skills(result, records, tokenizer) -> dict:
                 ious.append(0.0 if box is None else float(box_iou(np.array(box), truth, np)))
             else:
                 asked.append(r["zooms"] > 0)
+                aim.append(r["grounding_iou"] if r["has_grounding"] else 0.0)
     ious = np.array(ious, np.float64)
     return dict(grounding_iou50=float(np.mean(ious >= 0.5)), grounding_mean_iou=float(np.mean(ious)),
-                tool_call_when_asked=float(np.mean(asked)))
+                tool_call_when_asked=float(np.mean(asked)), tool_call_aim_iou50=float(np.mean(np.array(aim) >= 0.5)))
