@@ -76,7 +76,7 @@ def generated_skills(result, records, tokenizer) -> dict:
                 ious.append(0.0 if box is None else float(box_iou(np.array(box), truth, np)))
             else:
                 asked.append(r["zooms"] > 0)
-                aim.append(r["grounding_iou"] if r["has_grounding"] else 0.0)
+                aim.append(r["grounding_iou"])  # rl.metrics: 0 for a row without a zoom
     ious = np.array(ious, np.float64)
     return dict(grounding_iou50=float(np.mean(ious >= 0.5)), grounding_mean_iou=float(np.mean(ious)),
                 tool_call_when_asked=float(np.mean(asked)), tool_call_aim_iou50=float(np.mean(np.array(aim) >= 0.5)))
