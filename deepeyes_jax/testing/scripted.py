@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -121,11 +122,15 @@ def packed(rows):
     return ids, mask, loss, pixels, grids
 
 
-def fit(setup: Setup, *, steps: int = 400, until_exact: bool = True, seed: int = 0):
+MARGIN = 1.0  # logits: the scripted token's lead over the runner-up, so greedy decoding never rests on a near-tie
+
+
+def fit(setup: Setup, *, steps: int = 600, until_exact: bool = True, seed: int = 0):
     """A model trained by teacher forcing on the setup's scripted trajectories.
 
-    until_exact: stop once greedy decoding is right on every assistant token (and insist on it);
-    otherwise train `steps` steps (for scripts that disagree on purpose, e.g. a 50/50 answer).
+    until_exact: stop once every assistant token is the argmax by at least `MARGIN` (and insist on it): argmax
+    alone stopped at near-ties, which the rollout's KV-cached decoding (another summation order) flipped on
+    another CPU; otherwise train `steps` steps (for scripts that disagree on purpose, e.g. a 50/50 answer).
     """
     model = Qwen2_5_VL(setup.config, rngs=nnx.Rngs(seed))
     ids, mask, loss, pixels, grids = packed([setup.trajectory(r) for r in range(len(setup.scripts))])
@@ -137,18 +142,20 @@ def fit(setup: Setup, *, steps: int = 400, until_exact: bool = True, seed: int =
         def loss_fn(model):
             logits = model(ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grids)[:, :-1]
             ce = optax.softmax_cross_entropy_with_integer_labels(logits, target)
-            acc = (jnp.argmax(logits, -1) == target)
-            return jnp.sum(ce * weight) / weight.sum(), jnp.sum(acc * weight) / weight.sum()
-        (value, acc), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+            wanted = jnp.take_along_axis(logits, target[..., None], -1)[..., 0]
+            runner_up = jnp.max(jnp.where(jax.nn.one_hot(target, logits.shape[-1], dtype=bool), -jnp.inf, logits), -1)
+            margin = jnp.min(jnp.where(weight, wanted - runner_up, jnp.inf))
+            return jnp.sum(ce * weight) / weight.sum(), margin
+        (value, margin), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         optimizer.update(model, grads)
-        return value, acc
+        return value, margin
 
     for step in range(steps):
-        _, acc = train_step(model, optimizer)
-        if until_exact and step % 20 == 19 and float(acc) == 1.0:
+        _, margin = train_step(model, optimizer)
+        if until_exact and step % 20 == 19 and float(margin) >= MARGIN:
             break
     if until_exact:
-        assert float(acc) == 1.0, f"scripted policy did not memorise its turns (accuracy {float(acc)})"
+        assert float(margin) >= MARGIN, f"scripted policy did not memorise its turns (smallest margin {float(margin)})"
     return model
 
 
