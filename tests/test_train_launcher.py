@@ -15,7 +15,9 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
+import safetensors.numpy
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -127,6 +129,31 @@ def test_every_stage_leaves_its_output(reference, shared):
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         assert os.path.exists(os.path.join(workdir, "export", name)), name
         assert os.path.exists(os.path.join(shared["base"], name)), name
+
+
+def test_the_refining_cycle_on_a_first_cycle_base_model_gives_the_base_model_trained_whole(reference, shared,
+                                                                                             tmp_path):
+    """`launch.pretrain_base` without a refining cycle, then `--first_cycle=` that model (only the refining cycle):
+    the same weights as the reference run's base model, trained whole in one go (same seeds, same batches)."""
+    def pretrain(*flags):
+        subprocess.run([sys.executable, "-m", "launch.pretrain_base", "--config=configs/vstar_mini.py:smoke",
+                        f"--config.vstar_mini.data_dir={shared['data']}", *flags], cwd=ROOT, env=_env(), check=True,
+                       capture_output=True, timeout=900)
+
+    first, refined = str(tmp_path / "first"), str(tmp_path / "refined")
+    pretrain("--config.vstar_mini.refine.steps=0", f"--out={first}", f"--workdir={tmp_path / 'w1'}")
+    pretrain(f"--first_cycle={first}", f"--out={refined}", f"--workdir={tmp_path / 'w2'}")
+    whole = json.load(open(os.path.join(shared["base"], "manifest.json")))
+    got = json.load(open(os.path.join(refined, "manifest.json")))
+    assert got["settings_digest"] == whole["settings_digest"] and whole["refine"]["steps"] == 2
+    assert got["first_cycle"]["directory"] == first and "--config.vstar_mini.refine.steps=0" in got["first_cycle"]["command"]
+    assert got["history"] == json.load(open(os.path.join(first, "manifest.json")))["history"]
+    assert got["refine"]["history"][-1]["loss"] == pytest.approx(whole["refine"]["history"][-1]["loss"], rel=1e-5)
+    want = safetensors.numpy.load_file(os.path.join(shared["base"], "model.safetensors"))
+    have = safetensors.numpy.load_file(os.path.join(refined, "model.safetensors"))
+    assert set(have) == set(want)
+    for name, value in want.items():  # same program, same devices: float32 agreement
+        np.testing.assert_allclose(have[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def test_eval_command_on_a_fresh_split(reference, shared, tmp_path):

@@ -297,16 +297,50 @@ def test_generated_skills_score_the_answered_box_and_the_asked_zooms_aim(monkeyp
 def test_the_shipped_base_model_was_trained_for_the_default_config():
     """`python -m launch.train` starts from vstar_mini/pretrained: its manifest's settings digest is the default
     config's (a change to the world, budgets, architecture or supervised stage needs a new base model), and it
-    fits the repository budget of 25 MB."""
+    fits the repository budget of 25 MB. Its recorded skill table (measured by `launch.pretrain_base` on held-out
+    scenes) meets the V*-mini targets the README states: crop reading >= 0.9, no-crop <= chance + 0.1, grounding
+    >= 0.8, a well-formed tool call when asked >= 0.95."""
     from configs.vstar_mini import get_config
     from deepeyes_jax.vstar_mini import base_model
     from deepeyes_jax.vstar_mini.experiment import SHIPPED_BASE_MODEL, base_settings
     manifest = base_model.read_manifest(SHIPPED_BASE_MODEL)
     assert manifest["settings_digest"] == base_model.settings_digest(base_settings(get_config()))
     assert manifest["command"].startswith("python -m launch.pretrain_base") and manifest["steps"] > 0
+    skills = manifest["skills"]
+    assert skills["hard_accuracy_gt_crop"] >= 0.9 and skills["hard_accuracy_no_crop"] <= skills["chance"] + 0.1
+    assert skills["grounding_iou50"] >= 0.8 and skills["tool_call_when_asked"] >= 0.95
     size = sum(os.path.getsize(os.path.join(SHIPPED_BASE_MODEL, f)) for f in os.listdir(SHIPPED_BASE_MODEL))
     assert size <= 25 * 2**20
 
+
+
+def test_a_first_cycle_must_match_the_settings_and_have_no_refining_cycle():
+    """`launch.pretrain_base --first_cycle=DIR` runs only the refining cycle on DIR's base model: DIR must hold a
+    finished one (a manifest), trained for the config's settings apart from `vstar_mini.refine`, without a
+    refining cycle of its own; each refusal names the directory and what is wrong."""
+    import copy
+
+    from configs.vstar_mini import get_config
+    from deepeyes_jax.vstar_mini import base_model
+    from deepeyes_jax.vstar_mini.experiment import SHIPPED_BASE_MODEL, base_settings, check_first_cycle
+    ours = base_settings(get_config())
+    first = copy.deepcopy(ours)
+    first["refine"]["steps"] = 0
+    check_first_cycle("d", {"settings": first}, ours)
+    check_first_cycle("d", {"settings": {k: v for k, v in ours.items() if k != "refine"}}, ours)  # older manifests
+    with pytest.raises(FileNotFoundError, match="--first_cycle=d holds no finished base model"):
+        check_first_cycle("d", None, ours)
+    with pytest.raises(ValueError, match=r"--first_cycle=d already had a refining cycle \(600 steps\)"):
+        check_first_cycle("d", {"settings": ours}, ours)
+    other = copy.deepcopy(first)
+    other["sft"]["steps"] += 1
+    other["init_seed"] = 3
+    with pytest.raises(ValueError, match=r"--first_cycle=d was trained for other settings \(init_seed, sft differ\)"):
+        check_first_cycle("d", {"settings": other}, ours)
+    # the shipped base model's first cycle is the default config's
+    shipped = base_model.read_manifest(SHIPPED_BASE_MODEL)
+    check_first_cycle(SHIPPED_BASE_MODEL, dict(shipped, settings=dict(shipped["settings"], refine=first["refine"])),
+                      ours)
 
 
 def test_object_map_marks_each_object_as_drawn():

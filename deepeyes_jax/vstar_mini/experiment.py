@@ -97,11 +97,29 @@ class SFTConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RefineConfig:
+    """A second supervised cycle on the first one's weights (steps 0: none): a fresh AdamW on its own warmup-cosine
+    schedule (a warm restart) and task mix, weighted toward a skill still short of its target. It takes nothing
+    from the first cycle but its weights, so it can also start from a finished base model of the same first-cycle
+    settings (`launch.pretrain_base --first_cycle=DIR`). Its batches are drawn with seed + 1."""
+
+    steps: int = 0
+    learning_rate: float = 5e-4
+    warmup: int = 20
+    task_weights: dict = dataclasses.field(default_factory=dict)  # empty: the first cycle's
+
+    def cycle(self, sft: SFTConfig) -> SFTConfig:
+        """This cycle as the `SFTConfig` that `base_model.train` runs (batch, shapes and tower as the first's)."""
+        return dataclasses.replace(sft, steps=self.steps, learning_rate=self.learning_rate, warmup=self.warmup,
+                                   task_weights=dict(self.task_weights or sft.task_weights))
+
+
+@dataclasses.dataclass(frozen=True)
 class VStarMiniConfig:
     """data_dir / seed / num_train / num_test: the generated TFDS dataset. test_seed >= 0: evaluate on the test
     split of a freshly generated dataset with that seed. base_model_dir: the base model to start from (default:
     the shipped one, `vstar_mini/pretrained`); it must have been trained for this config's world, budgets,
-    architecture, vision stage and supervised stage (its manifest's settings). retrain_base: train the base model in this run
+    architecture, vision stage and supervised cycles (its manifest's settings). retrain_base: train the base model in this run
     instead, into base_model_dir (default WORKDIR/base_model; resumable from `<dir>_checkpoints`) unless it
     already holds one; a set model.checkpoint is loaded instead of either.
     probe_examples: hard held-out scenes of the skill table. render: trajectories drawn after training."""
@@ -118,6 +136,7 @@ class VStarMiniConfig:
     base_model: BaseModelConfig = BaseModelConfig()
     vision: vision_stage.VisionStageConfig = vision_stage.VisionStageConfig()
     sft: SFTConfig = SFTConfig()
+    refine: RefineConfig = RefineConfig()
     probe_examples: int = 64
     render: int = 4
 
@@ -128,12 +147,34 @@ class VStarMiniConfig:
 
 def base_settings(cfg) -> dict:
     """What a base model is trained for (a run with the same settings can start from it): the world, the data
-    and init seeds, the budgets and prompt, the architecture, the vision stage and the supervised stage."""
+    and init seeds, the budgets and prompt, the architecture, the vision stage and the supervised cycles."""
     v = build(VStarMiniConfig, cfg.vstar_mini, where="vstar_mini")
     return dict(world=dataclasses.asdict(v.world), data_seed=v.seed, num_train=v.num_train, init_seed=cfg.seed,
                 scene_max_pixels=cfg.data.max_pixels, crop=dataclasses.asdict(build(CropSpec, cfg.rollout.crop)),
                 system_prompt=v.system_prompt, base_model=dataclasses.asdict(v.base_model),
-                vision=dataclasses.asdict(v.vision), sft=dataclasses.asdict(v.sft))
+                vision=dataclasses.asdict(v.vision), sft=dataclasses.asdict(v.sft), refine=dataclasses.asdict(v.refine))
+
+
+def differing_settings(theirs: dict, ours: dict) -> list[str]:
+    """The top-level keys of two base-model settings dicts whose values differ."""
+    return sorted(k for k in set(theirs) | set(ours)
+                  if base_model.settings_digest({k: theirs.get(k)}) != base_model.settings_digest({k: ours.get(k)}))
+
+
+def check_first_cycle(directory: str, manifest: dict | None, ours: dict) -> None:
+    """Raise unless `manifest` (of the base model in `directory`, None if it has none) is a finished base model
+    without a refining cycle, trained for the settings `ours` apart from the refining cycle."""
+    if manifest is None:
+        raise FileNotFoundError(f"--first_cycle={directory} holds no finished base model ({base_model.MANIFEST} "
+                                f"missing)")
+    theirs = manifest.get("settings", {})
+    if (theirs.get("refine") or {}).get("steps", 0):
+        raise ValueError(f"--first_cycle={directory} already had a refining cycle ({theirs['refine']['steps']} "
+                         f"steps): start from a base model without one")
+    differ = differing_settings({k: v for k, v in theirs.items() if k != "refine"},
+                                {k: v for k, v in ours.items() if k != "refine"})
+    if differ:
+        raise ValueError(f"--first_cycle={directory} was trained for other settings ({', '.join(differ)} differ)")
 
 
 def command_line() -> str:
@@ -232,37 +273,69 @@ class VStarMini(experiment.Experiment):
         ours = base_settings(self.cfg)
         if manifest.get("settings_digest") != base_model.settings_digest(ours):
             theirs = manifest.get("settings", {})
-            differ = sorted(k for k in set(theirs) | set(ours) if base_model.settings_digest({k: theirs.get(k)})
-                            != base_model.settings_digest({k: ours.get(k)}))
-            raise ValueError(f"the base model in {directory} was trained for other settings ({', '.join(differ)} "
+            raise ValueError(f"the base model in {directory} was trained for other settings "
+                             f"({', '.join(differing_settings(theirs, ours))} "
                              f"differ): set --config.vstar_mini.retrain_base=True, or make one with "
                              f"`python -m launch.pretrain_base` and pass --config.vstar_mini.base_model_dir")
         tokenizer, model, self.base_manifest = base_model.load(
             directory, self.v.base_model.model_config(spec), self.mesh)
         return tokenizer, model
 
-    def pretrain(self, directory: str, checkpoint_dir: str) -> dict:
-        """Train the base model: its vision tower (`vision_stage`), then the supervised stage (resumable from
-        `checkpoint_dir`); measure its skills, save it with its manifest."""
-        spec = build(model_spec.ModelSpec, self.cfg.model, where="model")
-        tokenizer, model = base_model.fresh(self.v.base_model.model_config(spec), world=self.v.world,
-                                            vocab_size=self.v.base_model.tokenizer_vocab, seed=self.cfg.seed,
-                                            mesh=self.mesh)
-        ckpt = checkpoints.Checkpointer(checkpoint_dir, save_every=self.v.sft.save_every, keep=2)
-        vision_report = self.vision_stage(model, ckpt, os.path.join(checkpoint_dir, "vision_stage.json"))
-        params, report = base_model.train(model, tokenizer, self.splits["train"], self.budgets, self.shapes,
-                                          self.v.sft, seed=self.cfg.seed, put=self._put, fetch=self._fetch,
-                                          mesh=self.mesh, ckpt=ckpt)
-        ckpt.close()
+    def pretrain(self, directory: str, checkpoint_dir: str, first_cycle: str = "") -> dict:
+        """Train the base model: its vision tower (`vision_stage`) and the first supervised cycle (resumable from
+        `checkpoint_dir`), or take both from the finished base model in `first_cycle`; then the refining cycle
+        (`vstar_mini.refine`, resumable from `checkpoint_dir`/refine); measure its skills, save it with its
+        manifest."""
+        if first_cycle:
+            tokenizer, model, parent = self.load_first_cycle(first_cycle)
+            vision_report = parent["vision_stage"]
+            report = dict(steps=parent["steps"], batch=parent["batch"], skipped=parent["skipped"],
+                          seconds=parent["wall_seconds"] - vision_report["seconds"], history=parent["history"])
+            params = nnx.state(model)
+        else:
+            spec = build(model_spec.ModelSpec, self.cfg.model, where="model")
+            tokenizer, model = base_model.fresh(self.v.base_model.model_config(spec), world=self.v.world,
+                                                vocab_size=self.v.base_model.tokenizer_vocab, seed=self.cfg.seed,
+                                                mesh=self.mesh)
+            ckpt = checkpoints.Checkpointer(checkpoint_dir, save_every=self.v.sft.save_every, keep=2)
+            vision_report = self.vision_stage(model, ckpt, os.path.join(checkpoint_dir, "vision_stage.json"))
+            params, report = self._supervised(model, tokenizer, self.v.sft, self.cfg.seed, ckpt)
+        refined = None
+        if self.v.refine.steps:
+            ckpt = checkpoints.Checkpointer(os.path.join(checkpoint_dir, "refine"), save_every=self.v.sft.save_every,
+                                            keep=2)
+            params, refined = self._supervised(nnx.merge(nnx.graphdef(model), params), tokenizer,
+                                               self.v.refine.cycle(self.v.sft), self.cfg.seed + 1, ckpt)
         model = nnx.merge(nnx.graphdef(model), params)
         table, settings = self.skill_table(model, params, tokenizer), base_settings(self.cfg)
+        seconds = report["seconds"] + vision_report["seconds"] + (refined["seconds"] if refined else 0.0)
         manifest = dict(command=command_line(), steps=report["steps"],
-                        batch=report["batch"], wall_seconds=round(report["seconds"] + vision_report["seconds"], 1),
+                        batch=report["batch"], wall_seconds=round(seconds, 1),
                         skipped=report["skipped"], data_seed=self.v.seed, init_seed=self.cfg.seed, skills=table,
                         settings_digest=base_model.settings_digest(settings), settings=settings,
                         vision_stage=vision_report, history=report["history"])
+        if refined:
+            manifest["refine"] = refined
+        if first_cycle:
+            manifest["first_cycle"] = dict(directory=first_cycle, command=parent["command"],
+                                           wall_seconds=parent["wall_seconds"], skills=parent["skills"])
         base_model.save(directory, model, tokenizer, manifest)
         return manifest
+
+    def _supervised(self, model, tokenizer, sft: SFTConfig, seed: int, ckpt) -> tuple:
+        """One supervised cycle of `model`, checkpointed by (and then closing) `ckpt` -> (params, report)."""
+        try:
+            return base_model.train(model, tokenizer, self.splits["train"], self.budgets, self.shapes, sft, seed=seed,
+                                    put=self._put, fetch=self._fetch, mesh=self.mesh, ckpt=ckpt)
+        finally:
+            ckpt.close()
+
+    def load_first_cycle(self, directory: str):
+        """-> (tokenizer, model, manifest) of the finished base model in `directory`, which must have been trained
+        for this config's first-cycle settings and have no refining cycle of its own."""
+        check_first_cycle(directory, base_model.read_manifest(directory), base_settings(self.cfg))
+        spec = build(model_spec.ModelSpec, self.cfg.model, where="model")
+        return base_model.load(directory, self.v.base_model.model_config(spec), self.mesh)
 
     def vision_stage(self, model, ckpt, record: str) -> dict:
         """Train `model`'s vision tower in place unless the supervised stage has a checkpoint to resume (which
