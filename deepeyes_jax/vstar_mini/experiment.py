@@ -277,9 +277,12 @@ class VStarMini(experiment.Experiment):
                              f"({', '.join(differing_settings(theirs, ours))} "
                              f"differ): set --config.vstar_mini.retrain_base=True, or make one with "
                              f"`python -m launch.pretrain_base` and pass --config.vstar_mini.base_model_dir")
-        tokenizer, model, self.base_manifest = base_model.load(
-            directory, self.v.base_model.model_config(spec), self.mesh)
+        tokenizer, model, self.base_manifest = base_model.load(directory, self._base_config(), self.mesh)
         return tokenizer, model
+
+    def _base_config(self):
+        """The base model's `ModelConfig`: its architecture under the run's model section (dtype, remat, ...)."""
+        return self.v.base_model.model_config(build(model_spec.ModelSpec, self.cfg.model, where="model"))
 
     def pretrain(self, directory: str, checkpoint_dir: str, first_cycle: str = "") -> dict:
         """Train the base model: its vision tower (`vision_stage`) and the first supervised cycle (resumable from
@@ -293,8 +296,7 @@ class VStarMini(experiment.Experiment):
                           seconds=parent["wall_seconds"] - vision_report["seconds"], history=parent["history"])
             params = nnx.state(model)
         else:
-            spec = build(model_spec.ModelSpec, self.cfg.model, where="model")
-            tokenizer, model = base_model.fresh(self.v.base_model.model_config(spec), world=self.v.world,
+            tokenizer, model = base_model.fresh(self._base_config(), world=self.v.world,
                                                 vocab_size=self.v.base_model.tokenizer_vocab, seed=self.cfg.seed,
                                                 mesh=self.mesh)
             ckpt = checkpoints.Checkpointer(checkpoint_dir, save_every=self.v.sft.save_every, keep=2)
@@ -334,8 +336,7 @@ class VStarMini(experiment.Experiment):
         """-> (tokenizer, model, manifest) of the finished base model in `directory`, which must have been trained
         for this config's first-cycle settings and have no refining cycle of its own."""
         check_first_cycle(directory, base_model.read_manifest(directory), base_settings(self.cfg))
-        spec = build(model_spec.ModelSpec, self.cfg.model, where="model")
-        return base_model.load(directory, self.v.base_model.model_config(spec), self.mesh)
+        return base_model.load(directory, self._base_config(), self.mesh)
 
     def vision_stage(self, model, ckpt, record: str) -> dict:
         """Train `model`'s vision tower in place unless the supervised stage has a checkpoint to resume (which
