@@ -53,6 +53,20 @@ class Trajectories(NamedTuple):
     length: jax.Array  # int32[B]: used slots
 
 
+class _Observation(NamedTuple):  # one turn's observation chunk, all rows
+    crop_frames: jax.Array  # uint8[B, K, Pc, 588]: the trajectories' crops, this turn's stored
+    crop_grid: jax.Array  # int32[B, K, 3]
+    ids: jax.Array  # int32[B, C]: the chunk's tokens (zoom template or error message)
+    obs_len: jax.Array  # int32[B]
+    append: jax.Array  # bool[B]: the row's observation is appended
+    chunk_valid: jax.Array  # bool[B, C]
+    positions: jax.Array  # int32[3, B, C]
+    next_pos: jax.Array  # int32[B]
+    logits: jax.Array  # float32[B, V]: after the chunk's last token
+    cache: tuple
+    valid: jax.Array  # bool[B, S]: filled cache slots
+
+
 class _State(NamedTuple):
     tokens: jax.Array
     valid: jax.Array
@@ -250,29 +264,48 @@ def _rollout_rows(model, cfg: rc.RolloutConfig, tpl: rc.Templates, batch: Rollou
         is_zoom = parse.status == tools.STATUS_ZOOM
         wants_obs = turned & closed & (is_zoom | (parse.status == tools.STATUS_ERROR)) & ~last_turn & batch.tool
 
-        # The observation: a crop encoded by the vision tower, or a fixed error message.
-        frames, crop_grid = jax.vmap(lambda im, hw, box: zoom.crop_resize_frames(im, hw, box, cfg.crop))(
-            batch.image, batch.image_hw, parse.bbox)
-        feats = model.encode_rows(zoom.pixel_values_from_frames(frames), crop_grid[:, None])
-        n_img = crop_grid[:, 0] * crop_grid[:, 1] * crop_grid[:, 2] // model.config.vision.merge_unit
-        errors = jnp.asarray([e + (0,) * (chunk - len(e)) for e in tpl.errors], jnp.int32)
-        err_len = jnp.asarray([len(e) for e in tpl.errors], jnp.int32)
-        i = jnp.arange(chunk)[None, :]
-        after = i - n_pre - n_img[:, None]
-        # Selects, not gathers from the template tokens (libtpu 0.0.52 fails to tile the gathers' bounds checks).
-        zoom_ids = jnp.asarray(np.pad(np.asarray(tpl.zoom_prefix, np.int32), (0, chunk - n_pre),
-                                      constant_values=tpl.image_pad))[None, :]
-        for k, token in enumerate(tpl.zoom_suffix):
-            zoom_ids = jnp.where(after == k, token, zoom_ids)
-        ids = jnp.where(is_zoom[:, None], zoom_ids, errors[parse.error])
-        obs_len = jnp.where(is_zoom, n_pre + n_img + n_suf, err_len[parse.error])
-        append = wants_obs & (st.length + obs_len < s)  # whole or not at all, and room to answer
-        chunk_valid = (i < obs_len[:, None]) & append[:, None]
-        pos, next_pos = _row_positions(model, ids, chunk_valid, crop_grid, st.next_pos)
-        hidden, cache, valid = model.decode_chunk(ids, chunk_valid, pos, st.cache, st.valid, st.length, feats)
-        obs_logits = _logits_at(model, hidden, jnp.maximum(obs_len - 1, 0))
-        zoomed = append & is_zoom
         rows, k = jnp.arange(b), jnp.minimum(st.num_crops, n_obs - 1)
+
+        def observe() -> _Observation:
+            """The observation: a crop encoded by the vision tower, or a fixed error message."""
+            frames, crop_grid = jax.vmap(lambda im, hw, box: zoom.crop_resize_frames(im, hw, box, cfg.crop))(
+                batch.image, batch.image_hw, parse.bbox)
+            n_img = crop_grid[:, 0] * crop_grid[:, 1] * crop_grid[:, 2] // model.config.vision.merge_unit
+            errors = jnp.asarray([e + (0,) * (chunk - len(e)) for e in tpl.errors], jnp.int32)
+            err_len = jnp.asarray([len(e) for e in tpl.errors], jnp.int32)
+            i = jnp.arange(chunk)[None, :]
+            after = i - n_pre - n_img[:, None]
+            # Selects, not gathers from the template tokens (libtpu 0.0.52 fails to tile the gathers' bounds checks).
+            zoom_ids = jnp.asarray(np.pad(np.asarray(tpl.zoom_prefix, np.int32), (0, chunk - n_pre),
+                                          constant_values=tpl.image_pad))[None, :]
+            for t, token in enumerate(tpl.zoom_suffix):
+                zoom_ids = jnp.where(after == t, token, zoom_ids)
+            ids = jnp.where(is_zoom[:, None], zoom_ids, errors[parse.error])
+            obs_len = jnp.where(is_zoom, n_pre + n_img + n_suf, err_len[parse.error])
+            append = wants_obs & (st.length + obs_len < s)  # whole or not at all, and room to answer
+            zoomed = append & is_zoom
+            crop_frames = st.crop_frames.at[rows, k].set(
+                jnp.where(zoomed[:, None, None], frames, st.crop_frames[rows, k]))
+            crop_grids = st.crop_grid.at[rows, k].set(jnp.where(zoomed[:, None], crop_grid, st.crop_grid[rows, k]))
+            # The tower reads the stored frames (those the update re-encodes; rows without a crop read stale ones,
+            # which no image token takes). Read from the fresh `frames`, XLA:CPU materialises the resize's
+            # first-pass taps separately (3.5x the crop's time).
+            feats = model.encode_rows(zoom.pixel_values_from_frames(crop_frames[rows, k]), crop_grid[:, None])
+            chunk_valid = (i < obs_len[:, None]) & append[:, None]
+            pos, next_pos = _row_positions(model, ids, chunk_valid, crop_grid, st.next_pos)
+            hidden, cache, valid = model.decode_chunk(ids, chunk_valid, pos, st.cache, st.valid, st.length, feats)
+            return _Observation(crop_frames, crop_grids, ids, obs_len, append, chunk_valid, pos, next_pos,
+                                _logits_at(model, hidden, jnp.maximum(obs_len - 1, 0)), cache, valid)
+
+        def no_observation() -> _Observation:  # nothing is appended: the cache and crop buffers pass through
+            zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(observe))
+            return zeros._replace(crop_frames=st.crop_frames, crop_grid=st.crop_grid, cache=st.cache, valid=st.valid)
+
+        # The crop and its encoding are most of a turn's cost: skipped in the last turn (no row may append)
+        # and whenever no row called the tool.
+        crop_frames, crop_grid, ids, obs_len, append, chunk_valid, pos, next_pos, obs_logits, cache, valid = (
+            jax.lax.cond(wants_obs.any(), observe, no_observation))
+        zoomed = append & is_zoom
 
         reason = jnp.select(
             [~closed & (st.length >= s), ~closed, parse.status == tools.STATUS_ANSWER,
@@ -291,9 +324,7 @@ def _rollout_rows(model, cfg: rc.RolloutConfig, tpl: rc.Templates, batch: Rollou
             length=st.length + jnp.where(append, obs_len, 0),
             next_pos=jnp.where(append, next_pos, st.next_pos),
             active=append, turn=st.turn + 1,
-            crop_frames=st.crop_frames.at[rows, k].set(
-                jnp.where(zoomed[:, None, None], frames, st.crop_frames[rows, k])),
-            crop_grid=st.crop_grid.at[rows, k].set(jnp.where(zoomed[:, None], crop_grid, st.crop_grid[rows, k])),
+            crop_frames=crop_frames, crop_grid=crop_grid,
             num_crops=st.num_crops + zoomed, num_zooms=st.num_zooms + zoomed,
             turn_status=record(st.turn_status, parse.status), turn_error=record(st.turn_error, parse.error),
             turn_bbox=st.turn_bbox.at[:, st.turn].set(

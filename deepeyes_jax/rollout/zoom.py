@@ -258,42 +258,49 @@ def crop_resize_frames(image, image_hw, bbox, spec: CropSpec):
     patch order, rows from grid_h * grid_w on zero; grid_thw int32[3] = (1, h'/14, w'/14)). A box outside the
     contract (e.g. empty) gives garbage with at most max_patches patches.
 
-    Cost: two banded passes of k taps, (Hb*Wc*kw + Hc*Wc*kh) multiply-adds per channel (vertical first:
-    Hc*Wb*kh + Hc*Wc*kw); memory ~ Hb*Wb*3 + Hb*Wc*3 + Hc*Wc*3 floats + the output. Under vmap both pass
-    orders are evaluated (lax.cond becomes a select).
+    Cost: one banded pass over the whole buffer, then the second pass only at the output's own pixels, both in
+    one square working frame of side S = max(Hb, Wb) (vertical-first crops resample the transposed image, so a
+    batch under vmap runs one pass order, not both): S*Sc*k + max_patches*196*k multiply-adds per channel,
+    Sc = max(canvas_hw), k = max(taps_hw); memory ~ S*Sc*3 int32 + the output.
     """
     hb, wb = spec.image_height, spec.image_width
-    hc, wc = spec.canvas_hw
     if image.shape != (hb, wb, 3):
         raise ValueError(f"image must be [{hb}, {wb}, 3] for this CropSpec, got {image.shape}")
     x0, y0, x1, y1 = (jnp.round(bbox[i]).astype(jnp.int32) for i in range(4))
     ch, cw = y1 - y0, x1 - x0
     rh, rw = smart_resize(ch, cw, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
+    hc, wc = spec.canvas_hw
     ok = (rh >= F) & (rw >= F) & (rh <= hc) & (rw <= wc)
     ok &= jnp.where(ok, rh * rw, 0) <= spec.max_area
     rh, rw = jnp.where(ok, rh, F), jnp.where(ok, rw, F)
 
+    side, canvas, k = max(hb, wb), max(hc, wc), max(spec.taps_hw)
     inside = ((jnp.arange(hb) < image_hw[0])[:, None] & (jnp.arange(wb) < image_hw[1])[None, :])
-    img = jnp.where(inside[:, :, None], image.astype(jnp.int32), 0)
-    kh, kw = spec.taps_hw
-    vertical = _taps(y0, ch, rh, hc, hb, kh)  # [Hc, kh]
-    horizontal = _taps(x0, cw, rw, wc, wb, kw)  # [Wc, kw]
-    rows = lambda x: _pass(vertical, x, 0)  # noqa: E731
-    cols = lambda x: _pass(horizontal, x, 1)  # noqa: E731
-    if spec.pillow13_order:
-        v_first = (ch - rh > 0) & (ch - rh > 2 * (cw - rw))
-        canvas = jax.lax.cond(v_first, lambda: cols(rows(img)), lambda: rows(cols(img)))
-    else:
-        canvas = rows(cols(img))  # int32[Hc, Wc, 3], 0..255, zero outside (rh, rw)
+    img = jnp.pad(jnp.where(inside[:, :, None], image.astype(jnp.int32), 0), ((0, side - hb), (0, side - wb), (0, 0)))
+    vertical = _taps(y0, ch, rh, canvas, side, k)  # [Sc, k]
+    horizontal = _taps(x0, cw, rw, canvas, side, k)
+    v_first = jnp.asarray(spec.pillow13_order) & (ch - rh > 0) & (ch - rh > 2 * (cw - rw))
+    # Vertical first = horizontal first on the transposed image, which gives the transposed canvas.
+    pick = lambda a, b: jax.tree.map(lambda u, v: jnp.where(v_first, u, v), a, b)  # noqa: E731
+    first, second = pick(vertical, horizontal), pick(horizontal, vertical)
+    half = _pass(first, pick(img.transpose(1, 0, 2), img), 1)  # int32[S, Sc, 3]
 
-    # Patch p -> merge window p // 4 (row-major over the (gh/2, gw/2) windows), 2x2 inside it.
+    # Patch p -> merge window p // 4 (row-major over the (gh/2, gw/2) windows), 2x2 inside it; its pixel (i, j)
+    # is canvas[row * 14 + i, col * 14 + j], found at half[., u] resampled along axis 0 at output v.
     gh, gw = rh // P, rw // P
     p = jnp.arange(spec.max_patches, dtype=jnp.int32)
     win, sub = p // 4, p % 4
     valid = p < gh * gw
     row = jnp.where(valid, (win // (gw // 2)) * 2 + sub // 2, 0)
     col = jnp.where(valid, (win % (gw // 2)) * 2 + sub % 2, 0)
-    blocks = canvas.reshape(hc // P, P, wc // P, P, 3).transpose(0, 2, 4, 1, 3)  # [Hc/14, Wc/14, 3, 14, 14]
-    frames = blocks[row, col].reshape(spec.max_patches, ip.PATCH_VALUES)  # [max_patches, 3 * 14 * 14]
+    i = jnp.arange(P, dtype=jnp.int32)
+    r, c = (row * P)[:, None, None] + i[None, :, None], (col * P)[:, None, None] + i[None, None, :]
+    out_at, along = pick(c, r), pick(r, c)  # [max_patches, 14, 14] after broadcasting
+    index, weight = second
+    out = jnp.int32(1 << 21)
+    for t in range(k):  # PIL's sum, in _pass's order
+        out = out + weight[out_at, t][..., None] * half[index[out_at, t], along]
+    pixels = jnp.clip(out >> 22, 0, 255)  # [max_patches, 14, 14, 3]
+    frames = pixels.transpose(0, 3, 1, 2).reshape(spec.max_patches, ip.PATCH_VALUES)  # (C, 14, 14) per patch
     frames = jnp.where(valid[:, None], frames, 0).astype(jnp.uint8)
     return frames, jnp.stack([jnp.int32(1), gh, gw])
