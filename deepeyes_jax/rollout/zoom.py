@@ -218,16 +218,17 @@ def _taps(start, size, out, n_out, n_src, k):
     return jnp.clip(start + x, 0, n_src - 1), fixed
 
 
-def _pass(taps, x, axis):
-    """Resample `axis` of x int32[..., n_src, ...] (values 0..255) with taps (index, fixed-point weight)
-    [n_out, k]: PIL's integer sum, (sum_k w * x[idx] + 2^21) >> 22 clipped to [0, 255]. Exact (|sum| < 2^31)."""
+def _first_pass(taps, x):
+    """Resample axis 1 of x uint8[S, S, 3] with taps (index, fixed-point weight) [n_out, k]: PIL's integer sum,
+    (sum_k w * x[idx] + 2^21) >> 22 clipped to [0, 255] -> uint8[S, n_out, 3]. Exact (|sum| < 2^31). A loop over
+    the k taps into one accumulator: unrolled, XLA:CPU materialises each tap's gather (k times the output)."""
     index, weight = taps
-    shape = [1] * x.ndim
-    shape[axis] = index.shape[0]
-    out = jnp.int32(1 << 21)
-    for i in range(index.shape[1]):  # k is small and static: k gathers, no [.., n_out, k, ..] intermediate
-        out = out + weight[:, i].reshape(shape) * jnp.take(x, index[:, i], axis=axis)
-    return jnp.clip(out >> 22, 0, 255)
+
+    def tap(t, acc):
+        return acc + weight[:, t][None, :, None] * jnp.take(x, index[:, t], axis=1).astype(jnp.int32)
+
+    init = jnp.full((x.shape[0], index.shape[0], x.shape[2]), 1 << 21, jnp.int32)
+    return jnp.clip(jax.lax.fori_loop(0, index.shape[1], tap, init) >> 22, 0, 255).astype(jnp.uint8)
 
 
 def pixel_values_from_frames(frames):
@@ -276,14 +277,14 @@ def crop_resize_frames(image, image_hw, bbox, spec: CropSpec):
 
     side, canvas, k = max(hb, wb), max(hc, wc), max(spec.taps_hw)
     inside = ((jnp.arange(hb) < image_hw[0])[:, None] & (jnp.arange(wb) < image_hw[1])[None, :])
-    img = jnp.pad(jnp.where(inside[:, :, None], image.astype(jnp.int32), 0), ((0, side - hb), (0, side - wb), (0, 0)))
+    img = jnp.pad(jnp.where(inside[:, :, None], image, 0), ((0, side - hb), (0, side - wb), (0, 0)))  # uint8
     vertical = _taps(y0, ch, rh, canvas, side, k)  # [Sc, k]
     horizontal = _taps(x0, cw, rw, canvas, side, k)
     v_first = jnp.asarray(spec.pillow13_order) & (ch - rh > 0) & (ch - rh > 2 * (cw - rw))
     # Vertical first = horizontal first on the transposed image, which gives the transposed canvas.
     pick = lambda a, b: jax.tree.map(lambda u, v: jnp.where(v_first, u, v), a, b)  # noqa: E731
     first, second = pick(vertical, horizontal), pick(horizontal, vertical)
-    half = _pass(first, pick(img.transpose(1, 0, 2), img), 1)  # int32[S, Sc, 3]
+    half = _first_pass(first, pick(img.transpose(1, 0, 2), img))  # uint8[S, Sc, 3]
 
     # Patch p -> merge window p // 4 (row-major over the (gh/2, gw/2) windows), 2x2 inside it; its pixel (i, j)
     # is canvas[row * 14 + i, col * 14 + j], found at half[., u] resampled along axis 0 at output v.
@@ -297,9 +298,11 @@ def crop_resize_frames(image, image_hw, bbox, spec: CropSpec):
     r, c = (row * P)[:, None, None] + i[None, :, None], (col * P)[:, None, None] + i[None, None, :]
     out_at, along = pick(c, r), pick(r, c)  # [max_patches, 14, 14] after broadcasting
     index, weight = second
-    out = jnp.int32(1 << 21)
-    for t in range(k):  # PIL's sum, in _pass's order
-        out = out + weight[out_at, t][..., None] * half[index[out_at, t], along]
+
+    def tap(t, acc):  # PIL's sum, in the first pass's order
+        return acc + weight[out_at, t][..., None] * half[index[out_at, t], along].astype(jnp.int32)
+
+    out = jax.lax.fori_loop(0, k, tap, jnp.full((spec.max_patches, P, P, 3), 1 << 21, jnp.int32))
     pixels = jnp.clip(out >> 22, 0, 255)  # [max_patches, 14, 14, 3]
     frames = pixels.transpose(0, 3, 1, 2).reshape(spec.max_patches, ip.PATCH_VALUES)  # (C, 14, 14) per patch
     frames = jnp.where(valid[:, None], frames, 0).astype(jnp.uint8)
