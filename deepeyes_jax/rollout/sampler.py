@@ -288,8 +288,8 @@ def _rollout_rows(model, cfg: rc.RolloutConfig, tpl: rc.Templates, batch: Rollou
                 jnp.where(zoomed[:, None, None], frames, st.crop_frames[rows, k]))
             crop_grids = st.crop_grid.at[rows, k].set(jnp.where(zoomed[:, None], crop_grid, st.crop_grid[rows, k]))
             # The tower reads the stored frames (those the update re-encodes; rows without a crop read stale ones,
-            # which no image token takes). Read from the fresh `frames`, XLA:CPU materialises the resize's
-            # first-pass taps separately (3.5x the crop's time).
+            # which no image token takes). With the resize's taps unrolled, XLA:CPU fused the fresh `frames` into
+            # the pixel values and stored every first-pass tap (3.5x the crop's time).
             feats = model.encode_rows(zoom.pixel_values_from_frames(crop_frames[rows, k]), crop_grid[:, None])
             chunk_valid = (i < obs_len[:, None]) & append[:, None]
             pos, next_pos = _row_positions(model, ids, chunk_valid, crop_grid, st.next_pos)
