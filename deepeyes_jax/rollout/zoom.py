@@ -218,17 +218,16 @@ def _taps(start, size, out, n_out, n_src, k):
     return jnp.clip(start + x, 0, n_src - 1), fixed
 
 
-def _first_pass(taps, x):
-    """Resample axis 1 of x uint8[S, S, 3] with taps (index, fixed-point weight) [n_out, k]: PIL's integer sum,
-    (sum_k w * x[idx] + 2^21) >> 22 clipped to [0, 255] -> uint8[S, n_out, 3]. Exact (|sum| < 2^31). A loop over
-    the k taps into one accumulator: unrolled, XLA:CPU materialises each tap's gather (k times the output)."""
+def _pass(taps, x, axis):
+    """Resample `axis` of x int32[..., n_src, ...] (values 0..255) with taps (index, fixed-point weight)
+    [n_out, k]: PIL's integer sum, (sum_k w * x[idx] + 2^21) >> 22 clipped to [0, 255]. Exact (|sum| < 2^31)."""
     index, weight = taps
-
-    def tap(t, acc):
-        return acc + weight[:, t][None, :, None] * jnp.take(x, index[:, t], axis=1).astype(jnp.int32)
-
-    init = jnp.full((x.shape[0], index.shape[0], x.shape[2]), 1 << 21, jnp.int32)
-    return jnp.clip(jax.lax.fori_loop(0, index.shape[1], tap, init) >> 22, 0, 255).astype(jnp.uint8)
+    shape = [1] * x.ndim
+    shape[axis] = index.shape[0]
+    out = jnp.int32(1 << 21)
+    for i in range(index.shape[1]):  # k is small and static: k gathers, no [.., n_out, k, ..] intermediate
+        out = out + weight[:, i].reshape(shape) * jnp.take(x, index[:, i], axis=axis)
+    return jnp.clip(out >> 22, 0, 255)
 
 
 def pixel_values_from_frames(frames):
@@ -259,51 +258,42 @@ def crop_resize_frames(image, image_hw, bbox, spec: CropSpec):
     patch order, rows from grid_h * grid_w on zero; grid_thw int32[3] = (1, h'/14, w'/14)). A box outside the
     contract (e.g. empty) gives garbage with at most max_patches patches.
 
-    Cost: one banded pass over the whole buffer, then the second pass only at the output's own pixels, both in
-    one square working frame of side S = max(Hb, Wb) (vertical-first crops resample the transposed image, so a
-    batch under vmap runs one pass order, not both): S*Sc*k + max_patches*196*k multiply-adds per channel,
-    Sc = max(canvas_hw), k = max(taps_hw); memory ~ S*Sc*3 int32 + the output.
+    Cost: two banded passes of k taps, (Hb*Wc*kw + Hc*Wc*kh) multiply-adds per channel (vertical first:
+    Hc*Wb*kh + Hc*Wc*kw); memory ~ Hb*Wb*3 + Hb*Wc*3 + Hc*Wc*3 floats + the output. Under vmap both pass
+    orders are evaluated (lax.cond becomes a select).
     """
     hb, wb = spec.image_height, spec.image_width
+    hc, wc = spec.canvas_hw
     if image.shape != (hb, wb, 3):
         raise ValueError(f"image must be [{hb}, {wb}, 3] for this CropSpec, got {image.shape}")
     x0, y0, x1, y1 = (jnp.round(bbox[i]).astype(jnp.int32) for i in range(4))
     ch, cw = y1 - y0, x1 - x0
     rh, rw = smart_resize(ch, cw, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
-    hc, wc = spec.canvas_hw
     ok = (rh >= F) & (rw >= F) & (rh <= hc) & (rw <= wc)
     ok &= jnp.where(ok, rh * rw, 0) <= spec.max_area
     rh, rw = jnp.where(ok, rh, F), jnp.where(ok, rw, F)
 
-    side, canvas, k = max(hb, wb), max(hc, wc), max(spec.taps_hw)
     inside = ((jnp.arange(hb) < image_hw[0])[:, None] & (jnp.arange(wb) < image_hw[1])[None, :])
-    img = jnp.pad(jnp.where(inside[:, :, None], image, 0), ((0, side - hb), (0, side - wb), (0, 0)))  # uint8
-    vertical = _taps(y0, ch, rh, canvas, side, k)  # [Sc, k]
-    horizontal = _taps(x0, cw, rw, canvas, side, k)
-    v_first = jnp.asarray(spec.pillow13_order) & (ch - rh > 0) & (ch - rh > 2 * (cw - rw))
-    # Vertical first = horizontal first on the transposed image, which gives the transposed canvas.
-    pick = lambda a, b: jax.tree.map(lambda u, v: jnp.where(v_first, u, v), a, b)  # noqa: E731
-    first, second = pick(vertical, horizontal), pick(horizontal, vertical)
-    half = _first_pass(first, pick(img.transpose(1, 0, 2), img))  # uint8[S, Sc, 3]
+    img = jnp.where(inside[:, :, None], image.astype(jnp.int32), 0)
+    kh, kw = spec.taps_hw
+    vertical = _taps(y0, ch, rh, hc, hb, kh)  # [Hc, kh]
+    horizontal = _taps(x0, cw, rw, wc, wb, kw)  # [Wc, kw]
+    rows = lambda x: _pass(vertical, x, 0)  # noqa: E731
+    cols = lambda x: _pass(horizontal, x, 1)  # noqa: E731
+    if spec.pillow13_order:
+        v_first = (ch - rh > 0) & (ch - rh > 2 * (cw - rw))
+        canvas = jax.lax.cond(v_first, lambda: cols(rows(img)), lambda: rows(cols(img)))
+    else:
+        canvas = rows(cols(img))  # int32[Hc, Wc, 3], 0..255, zero outside (rh, rw)
 
-    # Patch p -> merge window p // 4 (row-major over the (gh/2, gw/2) windows), 2x2 inside it; its pixel (i, j)
-    # is canvas[row * 14 + i, col * 14 + j], found at half[., u] resampled along axis 0 at output v.
+    # Patch p -> merge window p // 4 (row-major over the (gh/2, gw/2) windows), 2x2 inside it.
     gh, gw = rh // P, rw // P
     p = jnp.arange(spec.max_patches, dtype=jnp.int32)
     win, sub = p // 4, p % 4
     valid = p < gh * gw
     row = jnp.where(valid, (win // (gw // 2)) * 2 + sub // 2, 0)
     col = jnp.where(valid, (win % (gw // 2)) * 2 + sub % 2, 0)
-    i = jnp.arange(P, dtype=jnp.int32)
-    r, c = (row * P)[:, None, None] + i[None, :, None], (col * P)[:, None, None] + i[None, None, :]
-    out_at, along = pick(c, r), pick(r, c)  # [max_patches, 14, 14] after broadcasting
-    index, weight = second
-
-    def tap(t, acc):  # PIL's sum, in the first pass's order
-        return acc + weight[out_at, t][..., None] * half[index[out_at, t], along].astype(jnp.int32)
-
-    out = jax.lax.fori_loop(0, k, tap, jnp.full((spec.max_patches, P, P, 3), 1 << 21, jnp.int32))
-    pixels = jnp.clip(out >> 22, 0, 255)  # [max_patches, 14, 14, 3]
-    frames = pixels.transpose(0, 3, 1, 2).reshape(spec.max_patches, ip.PATCH_VALUES)  # (C, 14, 14) per patch
+    blocks = canvas.reshape(hc // P, P, wc // P, P, 3).transpose(0, 2, 4, 1, 3)  # [Hc/14, Wc/14, 3, 14, 14]
+    frames = blocks[row, col].reshape(spec.max_patches, ip.PATCH_VALUES)  # [max_patches, 3 * 14 * 14]
     frames = jnp.where(valid[:, None], frames, 0).astype(jnp.uint8)
     return frames, jnp.stack([jnp.int32(1), gh, gw])
